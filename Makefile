@@ -1,0 +1,23 @@
+# `make test` (and the other targets) build .venv themselves from constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
+TEST_DEPS := tensorflow-cpu
+
+.PHONY: test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,torch,keras,yaml]" $(TEST_DEPS)
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

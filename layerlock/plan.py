@@ -1,0 +1,438 @@
+"""Resolve a spec against a model's tree into a :class:`Plan` (pure Python, no framework).
+
+>>> import layerlock as ll
+>>> from layerlock.tree import Node, Param
+>>> root = Node("", "Net", children=[
+...     Node("body", "Linear", params=[Param("body.weight", 6, True, 1)]),
+...     Node("head", "Linear", params=[Param("head.weight", 2, True, 2)])])
+>>> resolve(root, ll.freeze(depth=1)).frozen
+('body.weight',)
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._format import count, table
+from .errors import LayerlockWarning, NoMatchError, SpecError
+from .spec import Rule, Spec, matcher
+from .tree import Node, Param, Summary
+
+BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
+FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
+BnPolicy = Literal["follow", "trainable", "frozen"]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """The decision for one parameter: trainable ``before`` and ``after`` (True = trainable),
+    the deciding ``rule`` (index into the spec's rules, ``"bn"`` for the bn policy, or None
+    when no rule selects it) and the other paths of a tied parameter (``aliases``)."""
+
+    path: str
+    numel: int
+    before: bool
+    after: bool
+    rule: int | str | None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A layer whose inference-mode hold is decided: ``before``/``after`` (True = held in
+    inference mode) and why (``"bn"`` policy or ``"frozen_mode"``)."""
+
+    path: str
+    kind: str
+    before: bool
+    after: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What applying a spec does to a model. ``str(plan)`` is a readable table.
+
+    >>> from layerlock.tree import Node, Param
+    >>> import layerlock as ll
+    >>> p = resolve(Node("", "Net", params=[Param("w", 4, True, 0)]), ll.freeze())
+    >>> p.frozen, p.changed, p.frozen_scalars
+    (('w',), ('w',), 4)
+    """
+
+    spec: Spec
+    params: tuple[ParamPlan, ...]
+    layers: tuple[LayerPlan, ...] = ()
+    bn: str = "follow"
+    frozen_mode: str | None = None
+    backend: str = ""
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Paths of the parameters frozen after applying."""
+        return tuple(p.path for p in self.params if not p.after)
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Paths of the parameters trainable after applying."""
+        return tuple(p.path for p in self.params if p.after)
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """Paths of the parameters whose trainable flag the plan changes."""
+        return tuple(p.path for p in self.params if p.before != p.after)
+
+    @property
+    def frozen_scalars(self) -> int:
+        return sum(p.numel for p in self.params if not p.after)
+
+    @property
+    def trainable_scalars(self) -> int:
+        return sum(p.numel for p in self.params if p.after)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Paths of the layers held in inference mode after applying."""
+        return tuple(layer.path for layer in self.layers if layer.after)
+
+    def describe(self, rule: int | str | None) -> str:
+        """Human-readable name of a deciding rule."""
+        if rule is None:
+            return "(no rule: unchanged)"
+        if isinstance(rule, int):
+            return f"#{rule} {self.spec.rules[rule]!r}"
+        return f"bn={self.bn!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for scripts and the command line."""
+        return {
+            "backend": self.backend,
+            "spec": self.spec.to_dict(),
+            "bn": self.bn,
+            "frozen_mode": self.frozen_mode,
+            "params": [
+                {"path": p.path, "numel": p.numel, "trainable_before": p.before,
+                 "trainable_after": p.after, "rule": p.rule, "aliases": list(p.aliases)}
+                for p in self.params
+            ],
+            "layers": [
+                {"path": lp.path, "kind": lp.kind, "inference_before": lp.before,
+                 "inference_after": lp.after, "reason": lp.reason}
+                for lp in self.layers
+            ],
+            "frozen_scalars": self.frozen_scalars,
+            "trainable_scalars": self.trainable_scalars,
+        }
+
+    def __str__(self) -> str:
+        rows: list[list[Any]] = []
+        for p in self.params:
+            parent, _, name = p.path.rpartition(".")
+            key = (parent, p.before, p.after, p.rule)
+            if rows and rows[-1][-1] == key:
+                rows[-1][0].append(name)
+                rows[-1][1] += p.numel
+                continue
+            rows.append([[name], p.numel, p.before, p.after, p.rule, key])
+        body = []
+        for names, numel, before, after, rule, (parent, *_) in rows:
+            leaf = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+            change = f"{_state(before)} -> {_state(after)}" if before != after else _state(after)
+            body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, self.describe(rule)))
+        text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
+                table(("parameter", "scalars", "trainable", "decided by"), body, right=(1,))]
+        moved = [lp for lp in self.layers if lp.before != lp.after]
+        if moved:
+            text.append("inference mode: " + ", ".join(
+                f"{lp.path} {'held' if lp.after else 'released'} ({lp.reason})" for lp in moved))
+        n_changed = len(self.changed)
+        text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen)} tensors; "
+                    f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}; "
+                    f"{n_changed} tensor{'s' if n_changed != 1 else ''} change")
+        return "\n".join(text)
+
+
+def _state(trainable: bool) -> str:
+    return "trainable" if trainable else "frozen"
+
+
+def check_options(spec: object, bn: object, frozen_mode: object) -> None:
+    """Reject a non-Spec, an unknown ``bn`` policy or ``frozen_mode`` with a clear SpecError."""
+    if not isinstance(spec, Spec):
+        raise SpecError(f"spec must be a layerlock.Spec such as ll.freeze('backbone'); received "
+                        f"{spec!r} ({type(spec).__name__}). Use ll.Spec.from_dict(...) for a mapping.")
+    if bn not in BN_POLICIES:
+        raise SpecError(f"bn must be one of {BN_POLICIES}; received {bn!r}")
+    if frozen_mode not in FROZEN_MODES:
+        raise SpecError(f"frozen_mode must be one of {FROZEN_MODES}; received {frozen_mode!r}")
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> list[str]:
+    pool = set(candidates)
+    if word.startswith("*."):  # a suffix glob: compare against the short names too
+        pool |= {"*." + c.rpartition(".")[2] for c in pool}
+    return difflib.get_close_matches(word.removeprefix("re:"), sorted(pool), n=3, cutoff=0.6)
+
+
+class _Resolver:
+    """Resolution state for one (tree, spec) pair. Nodes are kept pre-order, so the
+    subtree of node i is the index range [i, end[i])."""
+
+    def __init__(self, root: Node, strict: bool) -> None:
+        self.strict = strict
+        self.nodes = list(root.walk())
+        self.index = {id(n): i for i, n in enumerate(self.nodes)}
+        self.end = [0] * len(self.nodes)
+        for i in range(len(self.nodes) - 1, -1, -1):
+            node = self.nodes[i]
+            self.end[i] = self.end[self.index[id(node.children[-1])]] if node.children else i + 1
+        self.owner: list[int] = []
+        self.occurrences: list[Param] = []
+        self.first_occ: list[int] = []  # node i's subtree holds occurrences [first_occ[i], first_occ[end[i]])
+        for i, node in enumerate(self.nodes):
+            self.first_occ.append(len(self.occurrences))
+            for p in node.params:
+                self.occurrences.append(p)
+                self.owner.append(i)
+        self.first_occ.append(len(self.occurrences))
+        self.node_rule = [-1] * len(self.nodes)
+        self.param_rule = [-1] * len(self.occurrences)
+        self.by_path = {n.path: i for i, n in enumerate(self.nodes)}
+
+    def fail(self, exc: SpecError) -> None:
+        if self.strict:
+            raise exc
+        warnings.warn(str(exc), LayerlockWarning, stacklevel=4)
+
+    def mark(self, i: int, rule: int) -> int:
+        """Select node i and its subtree; return where the subtree ends."""
+        end = self.end[i]
+        self.node_rule[i:end] = [rule] * (end - i)
+        return end
+
+    def apply_rule(self, r: int, rule: Rule) -> None:
+        if rule.selects_all:
+            self.mark(0, r)
+            return
+        for pattern in rule.patterns:
+            match, hit, skip = matcher(pattern), False, 0
+            for i, node in enumerate(self.nodes):
+                if i < skip:
+                    continue
+                if match(node.path):
+                    skip, hit = self.mark(i, r), True
+            for o, p in enumerate(self.occurrences):
+                if match(p.path):
+                    self.param_rule[o], hit = r, True
+            if not hit:
+                paths = [n.path for n in self.nodes if n.path] + [p.path for p in self.occurrences]
+                hint = _suggest(pattern, paths)
+                kinds = sorted({n.kind for n in self.nodes if matcher(pattern)(n.kind)})
+                extra = f"; it names a layer kind: use kind={kinds[0]!r}" if kinds else ""
+                self.fail(NoMatchError(
+                    f"rule #{r} {rule!r}: pattern {pattern!r} matches no layer or parameter"
+                    + (f"; closest paths: {', '.join(hint)}" if hint else "") + extra
+                    + " (patterns are globs over full dotted paths, or 're:' + a regex)",
+                    pattern=pattern, suggestions=hint))
+        for kind in rule.kind:
+            match, hit, skip = matcher(kind), False, 0
+            for i, node in enumerate(self.nodes):
+                if i >= skip and match(node.kind):
+                    skip, hit = self.mark(i, r), True
+            if not hit:
+                hint = _suggest(kind, {n.kind for n in self.nodes})
+                self.fail(NoMatchError(
+                    f"rule #{r} {rule!r}: kind {kind!r} matches no layer class"
+                    + (f"; closest kinds: {', '.join(hint)}" if hint else ""),
+                    pattern=kind, suggestions=hint))
+        if rule.depth is not None:
+            self.apply_depth(r, rule)
+
+    def apply_depth(self, r: int, rule: Rule) -> None:
+        assert rule.depth is not None
+        where = rule.within or ""
+        if where not in self.by_path:
+            hint = _suggest(where, [n.path for n in self.nodes if n.children])
+            exc = NoMatchError(f"rule #{r} {rule!r}: within={where!r} is not a layer path"
+                               + (f"; closest containers: {', '.join(hint)}" if hint else ""),
+                               pattern=where, suggestions=hint)
+            self.fail(exc)
+            return
+        children = self.nodes[self.by_path[where]].children
+        if abs(rule.depth) > len(children):
+            self.fail(SpecError(
+                f"rule #{r} {rule!r}: depth={rule.depth} but {where or 'the model'!s} has "
+                f"{len(children)} blocks ({', '.join(c.path for c in children[:5])}"
+                f"{', ...' if len(children) > 5 else ''}); accepted: -{len(children)} to {len(children)}"))
+        for child in children[: rule.depth]:
+            self.mark(self.index[id(child)], r)
+
+
+def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+            frozen_mode: str | None = None, param_level: bool = True, backend: str = "") -> Plan:
+    """Decide every parameter of the tree ``root`` under ``spec``; touches nothing.
+
+    ``param_level=False`` is for backends that can only freeze whole layers: a plan that
+    splits a layer's parameters then raises :class:`SpecError`.
+
+    >>> from layerlock.tree import Node, Param
+    >>> import layerlock as ll
+    >>> root = Node("", "Net", params=[Param("w", 4, True, 0), Param("b", 2, True, 1)])
+    >>> resolve(root, ll.freeze().unfreeze("b")).trainable
+    ('b',)
+    """
+    check_options(spec, bn, frozen_mode)
+    res = _Resolver(root, strict)
+    for r, rule in enumerate(spec.rules):
+        res.apply_rule(r, rule)
+    nodes, occ = res.nodes, res.occurrences
+    norm_keys = {p.key for n in nodes if n.norm for p in n.params}
+
+    # Each occurrence's deciding rule: the latest rule that selected it or an ancestor.
+    decided: dict[Hashable, list[int]] = {}
+    for o, p in enumerate(occ):
+        rule = max(res.param_rule[o], res.node_rule[res.owner[o]])
+        decided.setdefault(p.key, []).append(rule)
+
+    params: list[ParamPlan] = []
+    after_by_key: dict[Hashable, bool] = {}
+    first: dict[Hashable, Param] = {}
+    aliases: dict[Hashable, list[str]] = {}
+    for p in occ:
+        if p.key in first:
+            aliases[p.key].append(p.path)
+        else:
+            first[p.key], aliases[p.key] = p, []
+    for key, p in first.items():
+        rules = [r for r in decided[key] if r >= 0]
+        actions = {spec.rules[r].action for r in rules}
+        if len(actions) > 1:
+            paths = [p.path, *aliases[key]]
+            res.fail(SpecError(
+                f"tied parameter {' = '.join(paths)} is one tensor, but the rules disagree: "
+                + "; ".join(f"{path} <- #{r} {spec.rules[r]!r}" for path, r in zip(paths, decided[key]) if r >= 0)
+                + ". Add a last rule that names all its paths to decide it."))
+        rule: int | str | None = max(rules) if rules else None
+        after = p.trainable if rule is None else spec.rules[rule].action == "unfreeze"  # type: ignore[index]
+        if key in norm_keys and bn != "follow":
+            rule, after = "bn", bn == "trainable"
+        after_by_key[key] = after
+        params.append(ParamPlan(p.path, p.numel, p.trainable, after, rule, tuple(aliases[key])))
+
+    if not param_level:
+        for node in nodes:
+            states = {after_by_key[q.key] for q in node.params}
+            if len(states) > 1:
+                raise SpecError(
+                    f"this backend ({backend or 'unknown'}) freezes whole layers only, but the plan "
+                    f"splits layer {node.path!r}: " + ", ".join(
+                        f"{q.path.rpartition('.')[2]} {_state(after_by_key[q.key])}" for q in node.params)
+                    + ". Select the layer, not single parameters.")
+
+    layers = _layer_plans(res, bn, frozen_mode, after_by_key, spec)
+    return Plan(spec, tuple(params), tuple(layers), bn, frozen_mode, backend)
+
+
+def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: dict[Hashable, bool],
+                 spec: Spec) -> list[LayerPlan]:
+    """Which layers are held in inference mode: frozen norm layers (by the bn policy) and,
+    with ``frozen_mode='eval'``, the topmost fully frozen subtrees."""
+    nodes, occ = res.nodes, res.occurrences
+    trainable_upto = [0]  # prefix sums of trainable-after over occurrences, for subtree queries
+    for p in occ:
+        trainable_upto.append(trainable_upto[-1] + after[p.key])
+
+    out: dict[Hashable, LayerPlan] = {}
+    for i, node in enumerate(nodes):
+        key = node.key if node.key is not None else id(node)
+        if key in out:
+            continue
+        held: bool | None = None
+        reason = "bn"
+        if node.norm:
+            if bn != "follow":
+                held = bn == "frozen"
+            elif node.params:
+                held = not any(after[p.key] for p in node.params)
+            elif res.node_rule[i] >= 0:
+                held = spec.rules[res.node_rule[i]].action == "freeze"
+            else:
+                held = node.held
+        if frozen_mode == "eval" and i > 0 and not held:
+            a, b = res.first_occ[i], res.first_occ[res.end[i]]
+            parent_held = any(k in out and out[k].after for k in _ancestors(res, i))
+            if b > a and trainable_upto[b] == trainable_upto[a] and not parent_held:
+                held, reason = True, "frozen_mode"
+        if held is None and node.held:
+            held, reason = False, "frozen_mode"
+        if held is not None:
+            out[key] = LayerPlan(node.path, node.kind, node.held, held, reason)
+    return list(out.values())
+
+
+def _ancestors(res: _Resolver, i: int) -> Iterable[Hashable]:
+    path = res.nodes[i].path
+    while path:
+        path = path.rpartition(".")[0]
+        j = res.by_path.get(path)
+        if j is not None:
+            node = res.nodes[j]
+            yield node.key if node.key is not None else id(node)
+
+
+def plan(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+         frozen_mode: str | None = None) -> Plan:
+    """Dry run: what :func:`apply` would do to ``model``; changes nothing.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.plan(net, ll.freeze(depth=1)).frozen
+    ('0.weight', '0.bias')
+    """
+    from .backends import get_backend
+
+    check_options(spec, bn, frozen_mode)
+    backend = get_backend(model)
+    return resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                   param_level=backend.param_level, backend=backend.name)
+
+
+def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+          frozen_mode: str | None = None) -> Plan:
+    """Apply ``spec`` to ``model`` and return the :class:`Plan` as the report.
+
+    The whole plan is validated before the model is touched; applying never changes a
+    weight's value and is idempotent.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.apply(net, ll.freeze("0")).changed
+    ('0.weight', '0.bias')
+    >>> net[0].weight.requires_grad
+    False
+    """
+    from .backends import get_backend
+
+    check_options(spec, bn, frozen_mode)
+    backend = get_backend(model)
+    result = resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                     param_level=backend.param_level, backend=backend.name)
+    backend.apply(model, result)
+    return result
+
+
+def summary(model: Any) -> Summary:
+    """Trainable and frozen counts per top-level block; ``print()`` it for a table.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.summary(net).trainable_scalars
+    9
+    """
+    from .backends import get_backend
+
+    return Summary.of(get_backend(model).tree(model))
