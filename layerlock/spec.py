@@ -64,7 +64,7 @@ def _normalise(pattern: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def matcher(pattern: str) -> Callable[[str], bool]:
-    """Compile a glob (``*`` crosses ``.``) or ``re:`` pattern into a full-match predicate.
+    r"""Compile a glob (``*`` crosses ``.``) or ``re:`` pattern into a full-match predicate.
 
     >>> matcher("*.bias")("head.bias"), matcher("re:block\\.[0-2]")("block.3")
     (True, False)
