@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
-TEST_DEPS := tensorflow-cpu
+TEST_DEPS := tensorflow-cpu transformers lightning
 
 .PHONY: test install clean
 

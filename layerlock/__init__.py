@@ -16,6 +16,7 @@ from typing import Any
 from .errors import (BackendError, DistributedFreezeError, LayerlockError, LayerlockWarning,
                      NoMatchError, SpecError)
 from .plan import LayerPlan, ParamPlan, Plan, apply, plan, summary
+from .schedule import Phase, Schedule, gradual
 from .spec import Rule, Spec, freeze, unfreeze
 from .state import State, fingerprint, frozen, restore, snapshot
 from .tree import Summary
@@ -27,6 +28,8 @@ __all__ = [
     "Spec", "Rule", "freeze", "unfreeze",
     # using specs
     "plan", "apply", "summary", "snapshot", "restore", "frozen", "fingerprint",
+    # schedules
+    "Schedule", "Phase", "gradual",
     # reports and values
     "Plan", "ParamPlan", "LayerPlan", "Summary", "State",
     # errors

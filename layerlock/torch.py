@@ -1,10 +1,268 @@
-"""PyTorch helpers: ``import layerlock.torch`` (this imports torch).
+"""PyTorch training helpers: optimizer param groups, optimizer sync after unfreezing, and a
+freeze scheduler for plain loops. ``import layerlock.torch`` imports torch.
 
->>> import layerlock.torch as llt
->>> llt.unwrap.__name__
-'unwrap'
+>>> import torch, layerlock as ll, layerlock.torch as llt
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+>>> _ = ll.apply(net, ll.freeze("0"))
+>>> opt = torch.optim.SGD(llt.param_groups(net, lr=0.1), momentum=0.9)
+>>> _ = ll.apply(net, ll.unfreeze("0"))
+>>> llt.sync_optimizer(opt, net, lr=0.01)
+['0.weight', '0.bias']
 """
 
-from .backends.torch import TorchBackend, unwrap
+from __future__ import annotations
 
-__all__ = ["TorchBackend", "unwrap"]
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+
+from .backends.torch import TorchBackend, unwrap
+from .errors import LayerlockError, SpecError
+from .plan import BnPolicy, Plan, apply, plan
+from .schedule import Schedule, transition
+from .spec import matcher
+
+__all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "unwrap",
+           "TorchBackend"]
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _last_match(patterns: Sequence[str], path: str) -> int:
+    """Index of the last pattern matching the parameter or one of its layers (-1 if none)."""
+    found = -1
+    for i, pattern in enumerate(patterns):
+        m = matcher(pattern)
+        if any(m(p) for p in _prefixes(path)):
+            found = i
+    return found
+
+
+def _block_ids(model: torch.nn.Module, within: str | None) -> tuple[dict[str, int], int]:
+    """Map each parameter path to its block number (0 = bottom) and return the top number.
+
+    Without ``within``, blocks are the model's children. With it, parameters before the
+    container are block 0, its children are blocks 1..n, and parameters after it are n+1.
+    """
+    root = unwrap(model)
+    names = [n for n, _ in root.named_parameters()]
+    if within is None:
+        children = [n for n, _ in root.named_children()]
+        ids = {n: next((i for i, c in enumerate(children) if n.startswith(c + ".")), 0) for n in names}
+        return ids, max(len(children) - 1, 0)
+    try:
+        container = root.get_submodule(within)
+    except AttributeError:
+        raise SpecError(f"layer_decay within={within!r} is not a module path of this model") from None
+    children = [f"{within}.{n}" for n, _ in container.named_children()]
+    ids, seen_container = {}, False
+    for n in names:
+        k = next((i for i, c in enumerate(children) if n.startswith(c + ".")), None)
+        if k is not None:
+            ids[n], seen_container = k + 1, True
+        else:
+            ids[n] = len(children) + 1 if seen_container else 0
+    return ids, len(children) + 1
+
+
+def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, float] | None = None,
+                 weight_decay: float | None = None, no_decay: Sequence[str] = (),
+                 layer_decay: float | None = None, within: str | None = None) -> list[dict[str, Any]]:
+    """Optimizer param groups for the trainable parameters only, named for resuming.
+
+    ``lr_mult={pattern: factor}``: discriminative rates, the last matching pattern wins.
+    ``no_decay``: patterns whose parameters get ``weight_decay=0`` (biases, norms).
+    ``layer_decay=0.75``: the top block gets ``lr`` and each block k below it ``lr * 0.75**k``
+    (BEiT/timm); blocks are the model's children, or ``within``'s children with what comes
+    before the container at the bottom and what comes after it on top.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> [(g["name"], g["lr"]) for g in param_groups(net, 1.0, layer_decay=0.5)]
+    [('block0', 0.5), ('block1', 1.0)]
+    """
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise SpecError(f"lr must be a number > 0; received {lr!r}")
+    mults = dict(lr_mult or {})
+    for pattern, factor in mults.items():
+        matcher(pattern)
+        if not isinstance(factor, (int, float)) or factor < 0:
+            raise SpecError(f"lr_mult[{pattern!r}] must be a number >= 0; received {factor!r}")
+    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
+        raise SpecError(f"layer_decay must be a number in (0, 1]; received {layer_decay!r}")
+    if isinstance(no_decay, str):
+        no_decay = (no_decay,)
+    patterns = list(mults)
+    ids, top = _block_ids(model, within) if layer_decay is not None else ({}, 0)
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        i = _last_match(patterns, name)
+        mult = mults[patterns[i]] if i >= 0 else 1.0
+        block = ids.get(name)
+        if block is not None:
+            mult *= layer_decay ** (top - block)  # type: ignore[operator]
+        decay = weight_decay
+        if no_decay and _last_match(list(no_decay), name) >= 0:
+            decay = 0.0
+        key = (block, patterns[i] if i >= 0 else None, decay)
+        if key not in groups:
+            label = [f"block{block}" if block is not None else "",
+                     f"lr_mult[{patterns[i]}]" if i >= 0 else "",
+                     "no_decay" if decay == 0.0 and weight_decay else ""]
+            groups[key] = {"name": "/".join(x for x in label if x) or "default", "params": [],
+                           "lr": lr * mult, **({} if decay is None else {"weight_decay": decay})}
+        groups[key]["params"].append((name, p))
+    return list(groups.values())
+
+
+# Schedulers whose per-group lists sync_optimizer knows how to extend.
+_LIST_ATTRS = ("base_lrs", "_last_lr", "min_lrs")
+
+
+def _check_scheduler(scheduler: Any) -> None:
+    from torch.optim import lr_scheduler as S
+
+    supported = (S.LambdaLR, S.MultiplicativeLR, S.StepLR, S.MultiStepLR, S.ExponentialLR,
+                 S.CosineAnnealingLR, S.LinearLR, S.ConstantLR, S.PolynomialLR, S.ReduceLROnPlateau)
+    if not isinstance(scheduler, supported):
+        names = ", ".join(s.__name__ for s in supported)
+        raise LayerlockError(
+            f"sync_optimizer cannot keep a {type(scheduler).__name__} consistent with a new param group "
+            f"(it keeps per-group values it cannot extend); supported: {names}. Create that scheduler "
+            "after the last unfreeze, or pass scheduler=None and rebuild it yourself.")
+
+
+def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
+    from torch.optim import lr_scheduler as S
+
+    # The group's lr is its rate now; from here it follows the schedule like the others.
+    base = group["lr"]
+    if isinstance(scheduler, S.LambdaLR):  # closed form: lr = base * lambda(epoch)
+        factor = scheduler.lr_lambdas[-1](scheduler.last_epoch)
+        base = base / factor if factor else base
+    group.setdefault("initial_lr", base)
+    for attr in _LIST_ATTRS:
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list):
+            values.append({"base_lrs": base, "_last_lr": group["lr"]}.get(attr, values[-1]))
+    if isinstance(scheduler, (S.LambdaLR, S.MultiplicativeLR)):
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[-1])
+
+
+def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr: float | None = None,
+                   scheduler: Any = None) -> list[str]:
+    """Add the model's trainable parameters that the optimizer lacks (matched by identity)
+    as one new param group, keeping all existing state; return their paths.
+
+    Parameters that are frozen now stay in the optimizer with their state but cannot move,
+    since their ``grad`` is None. A given LR ``scheduler`` is extended to the new group, or
+    refused with :class:`LayerlockError` when it cannot be.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD([net.weight], lr=0.1)
+    >>> sync_optimizer(opt, net), sync_optimizer(opt, net)
+    (['bias'], [])
+    """
+    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    new = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in known]
+    if not new:
+        return []
+    named = any("param_names" in g for g in optimizer.param_groups)
+    group: dict[str, Any] = {"params": new if named else [p for _, p in new],
+                             "name": f"layerlock-sync-{len(optimizer.param_groups)}"}
+    if lr is not None:
+        group["lr"] = lr
+    if scheduler is not None:
+        _check_scheduler(scheduler)  # refuse before touching the optimizer
+    optimizer.add_param_group(group)
+    if scheduler is not None:
+        _extend_scheduler(scheduler, optimizer.param_groups[-1])
+    return [n for n, _ in new]
+
+
+def structure_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the parameter paths and shapes: equal for models of the same structure.
+
+    >>> import torch
+    >>> structure_fingerprint(torch.nn.Linear(2, 1)) == structure_fingerprint(torch.nn.Linear(2, 1))
+    True
+    """
+    digest = hashlib.sha256()
+    for n, p in unwrap(model).named_parameters():
+        digest.update(f"{n}:{tuple(p.shape)};".encode())
+    return digest.hexdigest()
+
+
+class FreezeScheduler:
+    """Apply a :class:`~layerlock.Schedule` in a plain PyTorch loop: call ``step(epoch)`` at
+    the start of each epoch; on a phase change it applies the spec, adds newly trainable
+    parameters to the optimizer (at the phase's ``lr``) and logs one line.
+
+    Every phase is checked against the model when the scheduler is built, so a pattern that
+    matches nothing fails before training starts. To resume, call ``load_state_dict`` before
+    ``optimizer.load_state_dict``: it replays the phases so the optimizer has the same
+    param groups as the interrupted run.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> fs = FreezeScheduler(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}), net, opt, log=None)
+    >>> _ = fs.step(0); net[0].weight.requires_grad
+    False
+    """
+
+    def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
+                 frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
+        if not isinstance(schedule, Schedule):
+            raise SpecError(f"FreezeScheduler needs a layerlock.Schedule; received {type(schedule).__name__}")
+        self.schedule, self.model, self.optimizer, self.scheduler = schedule, model, optimizer, scheduler
+        self.options = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
+        self.log = log
+        self.phase = -1
+        self.epoch = -1
+        for phase in schedule.phases:  # fail now, not at epoch 7
+            plan(model, schedule.spec_at(phase.epoch), **self.options)  # type: ignore[arg-type]
+
+    def step(self, epoch: int) -> Plan | None:
+        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
+        index = self.schedule.phase_index(epoch)
+        self.epoch = epoch
+        if index == self.phase or index < 0:
+            return None
+        result = apply(self.model, self.schedule.spec_at(epoch), **self.options)  # type: ignore[arg-type]
+        added: list[str] = []
+        if self.optimizer is not None:
+            added = sync_optimizer(self.optimizer, self.model, self.schedule.phases[index].lr, self.scheduler)
+        self.phase = index
+        if self.log is not None:
+            extra = f"optimizer +{len(added)} tensors" if added else ""
+            self.log(transition(epoch, index, self.schedule, result, extra))
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "phase": self.phase, "structure": structure_fingerprint(self.model),
+                "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the phase (replaying phases so optimizer groups match the saved run)."""
+        if structure_fingerprint(self.model) != state.get("structure"):
+            raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
+                                 "(parameter paths or shapes differ); load it into the same architecture")
+        if Schedule.from_dict(state["schedule"]) != self.schedule:
+            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
+        log, self.log = self.log, None
+        try:
+            for phase in self.schedule.phases[: state["phase"] + 1]:
+                self.step(phase.epoch)
+        finally:
+            self.log = log
+        self.epoch = state["epoch"]

@@ -1,0 +1,173 @@
+"""Schedules: which spec holds from which epoch, as a serialisable value.
+
+A schedule is cumulative: at epoch ``e`` the model is in the state that applying every phase
+up to ``e`` in order gives, which is the same as applying the concatenation of their specs.
+That is what makes resuming in the middle of a schedule exact.
+
+>>> import layerlock as ll
+>>> s = ll.Schedule({0: ll.freeze("backbone"), 3: ll.unfreeze("backbone.layer4")}, lr={3: 1e-4})
+>>> s.spec_at(5)
+Spec(freeze('backbone'), unfreeze('backbone.layer4'))
+>>> ll.Schedule.from_dict(s.to_dict()) == s
+True
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._format import count
+from .errors import SpecError
+from .plan import Plan
+from .spec import Spec, dump_data, freeze, load_data, unfreeze
+
+
+@dataclass(frozen=True)
+class Phase:
+    """From ``epoch`` on, ``spec`` applies; ``lr`` (optional) is the learning rate for the
+    parameters this phase makes trainable."""
+
+    epoch: int
+    spec: Spec
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or self.epoch < 0:
+            raise SpecError(f"a phase epoch must be an int >= 0; received {self.epoch!r}")
+        if not isinstance(self.spec, Spec):
+            raise SpecError(f"phase at epoch {self.epoch}: spec must be a layerlock.Spec such as "
+                            f"ll.unfreeze('head'); received {self.spec!r} ({type(self.spec).__name__})")
+        if self.lr is not None and (not isinstance(self.lr, numbers.Real) or isinstance(self.lr, bool)
+                                    or not self.lr > 0):
+            raise SpecError(f"phase at epoch {self.epoch}: lr must be a number > 0; received {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Phases keyed by the epoch they start at; see the module docstring.
+
+    >>> Schedule({0: freeze(depth=-1), 2: unfreeze()}).phase_index(1)
+    0
+    """
+
+    phases: tuple[Phase, ...]
+
+    def __init__(self, phases: Mapping[int, Spec] | Iterable[Phase], *,
+                 lr: Mapping[int, float] | None = None) -> None:
+        if isinstance(phases, Mapping):
+            lrs = dict(lr or {})
+            unknown = sorted(set(lrs) - set(phases), key=str)
+            if unknown:
+                raise SpecError(f"lr given for epochs {unknown} that start no phase; phases start at "
+                                f"{sorted(phases, key=str)}")
+            items = [Phase(e, s, lrs.get(e)) for e, s in phases.items()]
+        elif isinstance(phases, Iterable) and not isinstance(phases, (str, bytes)):
+            items = list(phases)
+            if not all(isinstance(p, Phase) for p in items):
+                raise SpecError(f"Schedule takes {{epoch: Spec}} or Phase values; received {items!r}")
+        else:
+            raise SpecError(f"Schedule takes a mapping {{epoch: Spec}}; received {phases!r}")
+        if not items:
+            raise SpecError("a schedule needs at least one phase, e.g. {0: ll.freeze('backbone')}")
+        epochs = [p.epoch for p in items]
+        if len(set(epochs)) != len(epochs):
+            raise SpecError(f"two phases start at the same epoch: {sorted(epochs)}")
+        object.__setattr__(self, "phases", tuple(sorted(items, key=lambda p: p.epoch)))
+
+    def phase_index(self, epoch: int) -> int:
+        """Index of the phase in force at ``epoch`` (-1 before the first phase)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise SpecError(f"epoch must be an int >= 0; received {epoch!r}")
+        return sum(1 for p in self.phases if p.epoch <= epoch) - 1
+
+    def spec_at(self, epoch: int) -> Spec:
+        """The cumulative spec in force at ``epoch``: every phase so far, in order."""
+        return sum((p.spec for p in self.phases[: self.phase_index(epoch) + 1]), Spec())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phases": [{"epoch": p.epoch, "spec": p.spec.to_dict(), **({"lr": p.lr} if p.lr else {})}
+                           for p in self.phases]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
+        """Inverse of :meth:`to_dict`; raises :class:`SpecError` naming the bad field."""
+        if not isinstance(data, Mapping) or set(data) != {"phases"} or not isinstance(data["phases"], list):
+            raise SpecError(f"a schedule dict is {{'phases': [{{'epoch': int, 'spec': {{...}}, 'lr'?: float}}]}}; "
+                            f"received {data!r}")
+        phases = []
+        for i, item in enumerate(data["phases"]):
+            if not isinstance(item, Mapping) or not {"epoch", "spec"} <= set(item) <= {"epoch", "spec", "lr"}:
+                raise SpecError(f"phases[{i}] needs keys 'epoch' and 'spec' (and optional 'lr'); received {item!r}")
+            try:
+                phases.append(Phase(item["epoch"], Spec.from_dict(item["spec"]), item.get("lr")))
+            except SpecError as exc:
+                raise SpecError(f"phases[{i}]: {exc}") from None
+        return cls(phases)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Schedule:
+        try:
+            return cls.from_dict(json.loads(text))
+        except ValueError as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"schedule JSON could not be parsed: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        """Read a schedule from ``.json`` or ``.yaml``/``.yml``."""
+        return cls.from_dict(load_data(path))
+
+    def save(self, path: str | Path) -> None:
+        dump_data(self.to_dict(), path)
+
+
+def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str | Sequence[str] = (),
+            start: int = 0, lr: float | None = None, lr_decay: float = 1.0) -> Schedule:
+    """ULMFiT-style gradual unfreezing over ``blocks`` blocks (children of ``within``, or of
+    the model): everything starts frozen except the head (``head`` patterns; without
+    ``within``, the model's top block), then one more block from the top is unfrozen every
+    ``every`` epochs. With ``within``, a last phase unfreezes the whole model. Phase k's
+    newly trainable parameters get ``lr * lr_decay**k`` when ``lr`` is given.
+
+    >>> s = gradual(3, every=2)
+    >>> [p.epoch for p in s.phases], s.phases[1].spec
+    ([0, 2, 4], Spec(unfreeze(), freeze(depth=-2)))
+    """
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        raise SpecError(f"blocks must be an int >= 1 (how many blocks to unfreeze one by one); received {blocks!r}")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise SpecError(f"every must be an int >= 1 (epochs per phase); received {every!r}")
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    first = 0 if within is not None or heads else 1  # without a container, the top block is the head
+    specs = []
+    for k in range(first, blocks + 1):
+        if within is None:
+            spec = unfreeze().freeze(depth=-k) if k else freeze()
+        else:
+            spec = freeze().unfreeze(within).freeze(depth=-k, within=within) if k else freeze()
+        specs.append(spec.unfreeze(*heads) if heads else spec)
+    if within is not None:
+        specs.append(unfreeze())
+    phases = [Phase(start + i * every, spec, None if lr is None else lr * lr_decay ** i)
+              for i, spec in enumerate(specs)]
+    return Schedule(phases)
+
+
+def transition(epoch: int, index: int, schedule: Schedule, plan: Plan, extra: str = "") -> str:
+    """The one-line log of a phase change."""
+    gained = sum(p.numel for p in plan.params if p.after and not p.before)
+    lost = sum(p.numel for p in plan.params if p.before and not p.after)
+    total = plan.trainable_scalars + plan.frozen_scalars
+    share = 100 * plan.trainable_scalars / total if total else 0.0
+    return (f"layerlock: epoch {epoch}: phase {index + 1}/{len(schedule.phases)} "
+            f"{schedule.phases[index].spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
+            f"{count(plan.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {extra}" if extra else ""))
