@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
 TEST_DEPS := tensorflow-cpu transformers lightning
 
-.PHONY: test install clean
+.PHONY: test install demo bench bench-quick docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,18 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/layerlock demo
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks --quick
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info
