@@ -18,14 +18,15 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.torch import TorchBackend, unwrap
-from .errors import LayerlockError, SpecError
+from .backends.torch import TorchBackend, ddp_of, unwrap
+from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
 from .plan import BnPolicy, Plan, apply, plan
+from .spec import Spec
 from .schedule import Schedule, transition
 from .spec import matcher
 
-__all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "unwrap",
-           "TorchBackend"]
+__all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
+           "check_ranks", "unwrap", "TorchBackend"]
 
 
 def _prefixes(path: str) -> list[str]:
@@ -201,6 +202,88 @@ def structure_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+           frozen_mode: str | None = None) -> tuple[torch.nn.Module, Plan]:
+    """Apply ``spec`` to the module inside a DistributedDataParallel wrapper and wrap it
+    again with the same arguments, so DDP's reducer sees the new trainable set. Call it
+    on every rank; parameters stay the same objects, so optimizers keep working.
+
+    ``model, plan = layerlock.torch.rewrap(model, ll.unfreeze("backbone.layer4"))``
+    """
+    ddp = ddp_of(model)
+    if ddp is None:
+        raise DistributedFreezeError(f"rewrap() takes a DistributedDataParallel model; received "
+                                     f"{type(model).__name__}. Use ll.apply() for unwrapped models.")
+    inner = ddp.module
+    result = apply(inner, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
+    wrapped = torch.nn.parallel.DistributedDataParallel(inner, **_ddp_arguments(ddp))
+    return wrapped, result
+
+
+_DDP_ARGUMENTS = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
+                  "gradient_as_bucket_view", "static_graph", "mixed_precision", "skip_all_reduce_unused_params",
+                  "forward_sync_buffers")
+
+
+def _ddp_arguments(ddp: torch.nn.parallel.DistributedDataParallel) -> dict[str, Any]:
+    """The constructor arguments a DDP wrapper keeps, to build an equal one."""
+    import inspect
+
+    accepted = inspect.signature(type(ddp).__init__).parameters
+    out = {name: getattr(ddp, name) for name in _DDP_ARGUMENTS if name in accepted and hasattr(ddp, name)}
+    if "forward_sync_buffers" not in out:
+        out["broadcast_buffers"] = ddp.broadcast_buffers
+    out["bucket_cap_mb"] = ddp.bucket_bytes_cap / (1024 * 1024)
+    return out
+
+
+def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
+    """All-gather a fingerprint of the trainable set (and inference holds) and raise
+    :class:`~layerlock.DistributedFreezeError` unless every rank has the same; call it on
+    every rank after applying. Returns the fingerprint.
+    """
+    import torch.distributed as dist
+
+    state = TorchBackend().read(model)
+    digest = hashlib.sha256(repr(sorted(state.params.items())).encode()
+                            + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()).hexdigest()
+    if not (dist.is_available() and dist.is_initialized()):
+        return digest
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, digest, group=group)
+    if len(set(gathered)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, d in enumerate(gathered):
+            groups.setdefault(d, []).append(rank)
+        raise DistributedFreezeError(
+            "ranks disagree on the trainable set: " + "; ".join(f"ranks {r} have {d[:12]}" for d, r in groups.items())
+            + ". Apply the same spec, with the same options, on every rank.")
+    return digest
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "OptimizedModule" or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in unwrap(model).modules())
+
+
+def _warn_recompiles(schedule: Schedule, model: torch.nn.Module) -> None:
+    """torch.compile guards on requires_grad: each new trainable set recompiles, and past
+    dynamo's recompile limit it silently falls back to eager."""
+    if not _compiled(model):
+        return
+    import torch._dynamo
+
+    limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+    if len(schedule.phases) + 1 > limit:
+        import warnings
+
+        warnings.warn(
+            f"this schedule has {len(schedule.phases)} phases on a torch.compile'd model; each new trainable "
+            f"set recompiles, and past torch._dynamo.config.recompile_limit={limit} dynamo falls back to eager "
+            f"for good. Raise it first: torch._dynamo.config.recompile_limit = {len(schedule.phases) + 2}",
+            LayerlockWarning, stacklevel=3)
+
+
 class FreezeScheduler:
     """Apply a :class:`~layerlock.Schedule` in a plain PyTorch loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, adds newly trainable
@@ -231,6 +314,7 @@ class FreezeScheduler:
         self.epoch = -1
         for phase in schedule.phases:  # fail now, not at epoch 7
             plan(model, schedule.spec_at(phase.epoch), **self.options)  # type: ignore[arg-type]
+        _warn_recompiles(schedule, model)
 
     def step(self, epoch: int) -> Plan | None:
         """Bring the model to the phase in force at ``epoch``; return the plan on a change."""

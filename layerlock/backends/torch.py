@@ -67,9 +67,69 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel) or (
-        isinstance(getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel))
+def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel wrapper in ``model``'s wrapper chain, if any."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+
+
+def _reducer_params(ddp: nn.parallel.DistributedDataParallel, params: dict[str, nn.Parameter],
+                    ignored: set[str]) -> set[int]:
+    """Identities of the parameters DDP's reducer was built with.
+
+    The reducer does not expose them; it counts them. Layerlock records the set the first
+    time it meets the wrapper, after checking that the count still matches (so nobody
+    changed ``requires_grad`` since wrapping).
+    """
+    cached = ddp.__dict__.get("_layerlock_reducer_params")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    current = {id(p) for n, p in params.items() if p.requires_grad and n not in ignored}
+    expected = ddp._get_ddp_logging_data().get("num_parameter_tensors", len(current))
+    if len(current) != expected:
+        raise DistributedFreezeError(
+            f"requires_grad changed after this model was wrapped in DistributedDataParallel (its reducer "
+            f"tracks {expected} parameters, {len(current)} require grad now), so layerlock cannot tell which "
+            "gradients are all-reduced. Use layerlock.torch.rewrap(model, spec) or apply specs before wrapping.")
+    ddp.__dict__["_layerlock_reducer_params"] = current
+    return current
+
+
+def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
+    """Refuse a trainable set that DDP's reducer, built at wrap time, cannot serve.
+
+    Measured (torch 2.13, gloo): freezing a parameter DDP tracks works only with
+    ``find_unused_parameters=True`` and no ``static_graph`` (else the next iteration
+    fails); making trainable a parameter DDP does not track raises nothing but its
+    gradients are never all-reduced, so the ranks drift apart silently.
+    """
+    ddp = ddp_of(model)
+    if ddp is None:
+        return
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    params = dict(ddp.module.named_parameters())
+    tracked = _reducer_params(ddp, params, ignored)
+    untracked = [n for n, on in trainable.items() if on and id(params[n]) not in tracked and n not in ignored]
+    frozen = [n for n, on in trainable.items() if not on and id(params[n]) in tracked]
+    fix = ("Use `model, plan = layerlock.torch.rewrap(model, spec)` (applies the spec to the inner module "
+           "and wraps it again with the same DDP arguments; the optimizer keeps working), or apply the "
+           "spec before wrapping.")
+    if untracked:
+        raise DistributedFreezeError(
+            f"DistributedDataParallel was built when {untracked[0]!r}"
+            f"{f' and {len(untracked) - 1} more' if len(untracked) > 1 else ''} did not require grad, so "
+            f"their gradients would never be all-reduced and the ranks would drift apart silently. {fix}")
+    if frozen and (not ddp.find_unused_parameters or ddp.static_graph):
+        raise DistributedFreezeError(
+            f"freezing {frozen[0]!r}{f' and {len(frozen) - 1} more' if len(frozen) > 1 else ''} inside "
+            f"DistributedDataParallel(find_unused_parameters={ddp.find_unused_parameters}, "
+            f"static_graph={ddp.static_graph}) makes the next iteration fail (\"Expected to have finished "
+            f"reduction...\"). {fix} Or wrap with find_unused_parameters=True (freezing only).")
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -109,12 +169,7 @@ class TorchBackend:
     def apply(self, model: nn.Module, plan: Plan) -> None:
         root = unwrap(model)
         params = dict(root.named_parameters())
-        if plan.changed and _is_ddp(model):
-            raise DistributedFreezeError(
-                f"this plan changes requires_grad of {len(plan.changed)} parameters of a model already "
-                "wrapped in DistributedDataParallel, whose reducer fixed its gradient set at wrap time "
-                "(the change would fail or silently desync the ranks). Apply the spec to the inner "
-                "model before wrapping it in DDP, then wrap again.")
+        check_ddp(model, {e.path: e.after for e in plan.params})
         for entry in plan.params:
             p = params[entry.path]
             if p.requires_grad != entry.after:
@@ -139,11 +194,7 @@ class TorchBackend:
 
     def write(self, model: nn.Module, state: State) -> None:
         root = unwrap(model)
-        changed = [n for n, p in root.named_parameters() if p.requires_grad != state.params[n]]
-        if changed and _is_ddp(model):
-            raise DistributedFreezeError(
-                f"restoring would change requires_grad of {len(changed)} parameters of a model wrapped "
-                "in DistributedDataParallel; restore the inner model before wrapping it.")
+        check_ddp(model, dict(state.params))
         for n, p in root.named_parameters():
             p.requires_grad_(state.params[n])
             if not state.params[n]:

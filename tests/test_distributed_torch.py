@@ -1,0 +1,74 @@
+"""DDP on two real processes over loopback gloo: never a silent desync."""
+
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+
+from . import distributed_worker  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=distributed_worker.main, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for rank, out in results.items():
+        assert "crash" not in out, out.get("crash")
+    return results
+
+
+def both(ranks, scenario):
+    return [ranks[r][scenario] for r in (0, 1)]
+
+
+def test_freezing_before_wrapping_keeps_ranks_in_sync_and_frozen_weights_fixed(ranks):
+    assert all(r["synced"] and r["frozen_same"] for r in both(ranks, "freeze_before_wrap"))
+
+
+def test_freezing_after_wrapping_is_refused_with_what_to_do_and_changes_nothing(ranks):
+    for r in both(ranks, "freeze_after_wrap"):
+        assert "find_unused_parameters=False" in r["error"] and "rewrap" in r["error"] and r["unchanged"]
+    for r in both(ranks, "freeze_after_wrap_static_graph"):
+        assert "static_graph=True" in r["error"]
+
+
+def test_freezing_after_wrapping_with_find_unused_parameters_is_safe(ranks):
+    assert all(r["synced"] and r["frozen_same"] for r in both(ranks, "freeze_after_wrap_find_unused"))
+
+
+def test_unfreezing_after_wrapping_is_refused_instead_of_drifting_apart(ranks):
+    for r in both(ranks, "unfreeze_after_wrap"):
+        assert "drift apart" in r["error"] and r["unchanged"]
+
+
+def test_rewrap_unfreezes_with_gradients_all_reduced(ranks):
+    for r in both(ranks, "rewrap"):
+        assert r["synced"] and r["moved"] and r["changed"] == ["0.weight", "0.bias"]
+
+
+def test_check_ranks_raises_when_ranks_applied_different_plans(ranks):
+    assert all("ranks disagree" in r["error"] for r in both(ranks, "check_ranks_disagree"))
+    a, b = both(ranks, "check_ranks_agree")
+    assert a["digest"] == b["digest"]
