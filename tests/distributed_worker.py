@@ -92,7 +92,58 @@ def scenarios(rank):
     out["check_ranks_disagree"] = {"error": refused(lambda: llt.check_ranks(inner))}
     ll.apply(inner, ll.unfreeze().freeze("4"))
     out["check_ranks_agree"] = {"digest": llt.check_ranks(inner)}
+
+    out["fsdp2"] = fsdp2(rank)
+    out["fsdp1"] = fsdp1()
     return out
+
+
+def fsdp2(rank):
+    """Mixed frozen/trainable parameters in one fully_shard unit, then changes after sharding."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make()
+    ll.apply(model, ll.freeze("0.weight"))  # 0.weight frozen, 0.bias trainable: one unit
+    fully_shard(model[0])
+    fully_shard(model)
+    w0 = model[0].weight.full_tensor().clone()
+    full_keys = list(model.state_dict())
+    synced = _train_sharded(model, rank, 2)
+    result = {"synced": synced, "frozen_same": torch.equal(w0, model[0].weight.full_tensor()),
+              "state_dict_keys": full_keys == [n for n in make().state_dict()]}
+    ll.apply(model, ll.unfreeze("0").freeze("4"))
+    w4 = model[4].weight.full_tensor().clone()
+    result["after_shard_synced"] = _train_sharded(model, rank, 2, start=2)
+    result["after_shard_moved"] = not torch.equal(w0, model[0].weight.full_tensor())
+    result["after_shard_frozen_same"] = torch.equal(w4, model[4].weight.full_tensor())
+    return result
+
+
+def _train_sharded(model, rank, steps, start=0):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=0.1)
+    synced = True
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        full = torch.cat([p.full_tensor().flatten() for p in model.parameters()])
+        every = [torch.zeros_like(full) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, full)
+        synced &= all(torch.equal(every[0], other) for other in every[1:])
+    return synced
+
+
+def fsdp1():
+    """FSDP1 flattens parameters at wrap time: changes afterwards are refused."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = FSDP(make(), use_orig_params=True, device_id=torch.device("cpu"))
+    except Exception as exc:  # FSDP1 may be absent or need a GPU
+        return {"skipped": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"error": refused(lambda: ll.apply(model, ll.freeze("0")))}
 
 
 def main(rank, world, port, queue):

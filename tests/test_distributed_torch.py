@@ -72,3 +72,20 @@ def test_check_ranks_raises_when_ranks_applied_different_plans(ranks):
     assert all("ranks disagree" in r["error"] for r in both(ranks, "check_ranks_disagree"))
     a, b = both(ranks, "check_ranks_agree")
     assert a["digest"] == b["digest"]
+
+
+def test_fsdp2_mixes_frozen_and_trainable_parameters_in_one_unit(ranks):
+    for r in both(ranks, "fsdp2"):
+        assert r["synced"] and r["frozen_same"] and r["state_dict_keys"]
+
+
+def test_fsdp2_accepts_changes_after_sharding_without_desync(ranks):
+    for r in both(ranks, "fsdp2"):
+        assert r["after_shard_synced"] and r["after_shard_moved"] and r["after_shard_frozen_same"]
+
+
+def test_fsdp1_refuses_changes_after_wrapping(ranks):
+    for r in both(ranks, "fsdp1"):
+        if "skipped" in r:
+            pytest.skip(r["skipped"])
+        assert "FullyShardedDataParallel" in r["error"]

@@ -108,6 +108,13 @@ def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
     fails); making trainable a parameter DDP does not track raises nothing but its
     gradients are never all-reduced, so the ranks drift apart silently.
     """
+    fsdp1 = [m for m in (model, *unwrap(model).modules()) if type(m).__name__ == "FullyShardedDataParallel"]
+    if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
+        raise DistributedFreezeError(
+            "this model holds FSDP1 FullyShardedDataParallel units, which flatten parameters at wrap time; "
+            "changing requires_grad afterwards is not supported. Apply the spec before wrapping (with "
+            "use_orig_params=True to mix frozen and trainable parameters in one unit), or shard with FSDP2 "
+            "torch.distributed.fsdp.fully_shard, which accepts changes after sharding.")
     ddp = ddp_of(model)
     if ddp is None:
         return
