@@ -287,16 +287,15 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     """
     check_options(spec, bn, frozen_mode)
     res = _Resolver(root, strict)
-    for r, rule in enumerate(spec.rules):
-        res.apply_rule(r, rule)
+    for r, spec_rule in enumerate(spec.rules):
+        res.apply_rule(r, spec_rule)
     nodes, occ = res.nodes, res.occurrences
     norm_keys = {p.key for n in nodes if n.norm for p in n.params}
 
     # Each occurrence's deciding rule: the latest rule that selected it or an ancestor.
     decided: dict[Hashable, list[int]] = {}
     for o, p in enumerate(occ):
-        rule = max(res.param_rule[o], res.node_rule[res.owner[o]])
-        decided.setdefault(p.key, []).append(rule)
+        decided.setdefault(p.key, []).append(max(res.param_rule[o], res.node_rule[res.owner[o]]))
 
     params: list[ParamPlan] = []
     after_by_key: dict[Hashable, bool] = {}
@@ -317,7 +316,7 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
                 + "; ".join(f"{path} <- #{r} {spec.rules[r]!r}" for path, r in zip(paths, decided[key]) if r >= 0)
                 + ". Add a last rule that names all its paths to decide it."))
         rule: int | str | None = max(rules) if rules else None
-        after = p.trainable if rule is None else spec.rules[rule].action == "unfreeze"  # type: ignore[index]
+        after = p.trainable if not rules else spec.rules[max(rules)].action == "unfreeze"
         if key in norm_keys and bn != "follow":
             rule, after = "bn", bn == "trainable"
         after_by_key[key] = after

@@ -40,7 +40,7 @@ def _strings(value: object, field_name: str) -> tuple[str, ...]:
             f"{field_name} must be a string or a list of strings; received {value!r} "
             f"({type(value).__name__})"
         )
-    out = []
+    out: list[str] = []
     for item in items:
         if isinstance(item, (list, tuple)):
             out.extend(_strings(item, field_name))
@@ -330,7 +330,7 @@ def dump_data(data: Any, path: str | Path) -> None:
 
 def _yaml() -> Any:
     try:
-        import yaml
+        import yaml  # type: ignore[import-untyped]
     except ImportError:
         raise SpecError("YAML needs PyYAML: pip install 'layerlock[yaml]' (or use a .json file)") from None
     return yaml
