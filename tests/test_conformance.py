@@ -20,7 +20,8 @@ SPECS = {
     "negative-depth": ll.freeze(depth=-1),
     "within": ll.freeze(depth=1, within="body"),
     "kind": ll.freeze(kind=["Conv*", "BatchNorm*"]),
-    "bitfit": ll.freeze().unfreeze("*.bias"),
+    # BatchNorm's shift is `bias` in torch and `beta` in Keras: one regex serves both.
+    "bitfit": ll.freeze().unfreeze("re:.*\\.(bias|beta)"),
     "regex": ll.freeze("re:(stem|body)\\..*"),
     "everything": ll.freeze(),
 }
@@ -82,9 +83,9 @@ class KerasModels:
                                  keras.layers.ReLU(name="relu"), keras.layers.GlobalAveragePooling2D(name="pool")],
                                 name="stem")
         body = keras.Sequential([keras.layers.Dense(8, name="fc1"), keras.layers.Dense(8, name="fc2")], name="body")
-        inputs = keras.Input((6, 6, 3))
-        outputs = keras.layers.Dense(3, name="head")(body(stem(inputs)))
-        self.model = keras.Model(inputs, outputs)
+        # Sequential: its `layers` has no InputLayer, so depth counts the same blocks as torch
+        # (a Functional model's `layers` starts with its InputLayer, and depth=N means layers[:N]).
+        self.model = keras.Sequential([keras.Input((6, 6, 3)), stem, body, keras.layers.Dense(3, name="head")])
         self.model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=0.01),
                            loss="sparse_categorical_crossentropy")
 

@@ -157,13 +157,14 @@ def sync_optimizer(optimizer: Any, variables: list[Any], scope: Any = None) -> b
         for k in old_order:
             if k not in kept:
                 parked[k] = {a: saved[a][old_index[k]] for a in slot_attrs}
-        parked_ids = {id(s) for slots in parked.values() for s in slots.values() if s is not None}
+        slot_ids = {id(s) for a in slot_attrs for s in saved[a] if s is not None}
+        slot_ids |= {id(s) for slots in parked.values() for s in slots.values() if s is not None}
+        # Non-slot variables first, then the slots interleaved per variable, which is the order
+        # a fresh build on `variables` gives: checkpoints store optimizer variables by position.
         # Variables build made besides the slots (a second step counter, ...) are dropped.
-        base = [v for v in current if id(v) not in parked_ids]
-        base_ids = {id(v) for v in base}
-        extra = [s for i in range(len(keys)) for a in slot_attrs
-                 if (s := merged[a][i]) is not None and id(s) not in base_ids]
-        _set_variables(optimizer, base + extra)
+        base = [v for v in current if id(v) not in slot_ids]
+        ordered = [s for i in range(len(keys)) for a in slot_attrs if (s := merged[a][i]) is not None]
+        _set_variables(optimizer, base + ordered)
         for a in slot_attrs:
             setattr(optimizer, a, merged[a])
         setattr(optimizer, index_attr, {k: i for i, k in enumerate(keys)})

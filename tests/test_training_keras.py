@@ -1,0 +1,80 @@
+"""Training workflow in Keras: the FreezeScheduler callback and resuming a schedule."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+keras = pytest.importorskip("keras")
+import numpy as np  # noqa: E402
+
+import layerlock as ll  # noqa: E402
+import layerlock.keras as llk  # noqa: E402
+
+
+def blocks_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,))] + [keras.layers.Dense(6, name=f"b{i}") for i in range(4)]
+                             + [keras.layers.Dense(3, name="head")])
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, size=(32,))
+
+
+class Moves(keras.callbacks.Callback):
+    """Records which layers' weights changed in each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.before = {l.name: [w.numpy().copy() for w in l.weights] for l in self.model.layers}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append(sorted(l.name for l in self.model.layers
+                                   if any(not np.array_equal(a, w.numpy()) for a, w in zip(self.before[l.name], l.weights))))
+
+
+def test_gradual_schedule_in_fit_moves_one_more_block_each_epoch(capsys):
+    model = blocks_model()
+    moves = Moves()
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=5, verbose=0, shuffle=False,
+              callbacks=[llk.FreezeScheduler(ll.gradual(5, lr=1e-2, lr_decay=0.5)), moves])
+    assert moves.history == [["head"], ["b3", "head"], ["b2", "b3", "head"], ["b1", "b2", "b3", "head"],
+                             ["b0", "b1", "b2", "b3", "head"]]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and lines[2].startswith("layerlock: epoch 2: phase 3/5") and "lr 0.0025" in lines[2]
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2 * 0.5 ** 4)
+
+
+def test_schedule_with_a_typo_fails_before_the_first_step():
+    model = blocks_model()
+    before = [w.numpy().copy() for w in model.weights]
+    x, y = data()
+    with pytest.raises(ll.NoMatchError, match="b3"):
+        model.fit(x, y, epochs=2, verbose=0,
+                  callbacks=[llk.FreezeScheduler(ll.Schedule({0: ll.freeze(depth=-1), 1: ll.unfreeze("b33")}))])
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+
+
+def test_resuming_with_initial_epoch_matches_an_uninterrupted_run(tmp_path):
+    x, y = data()
+    schedule = ll.gradual(5)
+    straight = blocks_model()
+    straight.fit(x, y, batch_size=8, epochs=4, verbose=0, shuffle=False,
+                 callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+    first = blocks_model()
+    first.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+    first.save(tmp_path / "mid.keras")
+    resumed = keras.models.load_model(tmp_path / "mid.keras")
+    resumed.fit(x, y, batch_size=8, epochs=4, initial_epoch=2, verbose=0, shuffle=False,
+                callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
