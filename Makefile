@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,torch,keras,yaml]" $(TEST_DEPS)
+	# tf_keras (legacy Keras 2) asks for the `tensorflow` wheel; tensorflow-cpu provides the same module.
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt tf_keras
 	touch $@
 
 install: $(STAMP)
