@@ -5,44 +5,59 @@
 >>> ll.Spec.from_json(spec.to_json()) == spec
 True
 
-Importing layerlock imports no framework; a backend loads when it first meets a model
-of its framework. ``layerlock.torch`` and ``layerlock.keras`` hold the training helpers.
+Importing layerlock imports no framework, and its own modules load on first use (so
+``import layerlock`` stays cheap); a backend loads when it first meets a model of its
+framework. ``layerlock.torch``, ``layerlock.keras`` and ``layerlock.lightning`` hold the
+training helpers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
 
 from .errors import (BackendError, DistributedFreezeError, LayerlockError, LayerlockWarning,
                      NoMatchError, SpecError)
-from .plan import LayerPlan, ParamPlan, Plan, apply, plan, summary
-from .schedule import Phase, Schedule, gradual
-from .spec import Rule, Spec, freeze, unfreeze
-from .state import State, fingerprint, frozen, restore, snapshot
-from .tree import Summary
 
 __version__ = "0.1.0"
 
-__all__ = [
+# The public API: name -> the module that defines it (loaded on first access).
+_API = {
     # specs
-    "Spec", "Rule", "freeze", "unfreeze",
+    "Spec": "spec", "Rule": "spec", "freeze": "spec", "unfreeze": "spec",
     # using specs
-    "plan", "apply", "summary", "snapshot", "restore", "frozen", "fingerprint",
+    "plan": "plan", "apply": "plan", "summary": "plan",
+    "snapshot": "state", "restore": "state", "frozen": "state", "fingerprint": "state",
     # schedules
-    "Schedule", "Phase", "gradual",
+    "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
     # reports and values
-    "Plan", "ParamPlan", "LayerPlan", "Summary", "State",
-    # errors
-    "LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
-    "LayerlockWarning",
-    "__version__",
-]
+    "Plan": "plan", "ParamPlan": "plan", "LayerPlan": "plan", "Summary": "tree", "State": "state",
+}
+_ERRORS = ["LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
+           "LayerlockWarning"]
+_SUBMODULES = ("torch", "keras", "lightning", "backends")
+
+__all__ = [*_API, *_ERRORS, "__version__"]
+
+TYPE_CHECKING = False  # not `from typing import ...`: importing typing alone costs ~6 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .plan import LayerPlan, ParamPlan, Plan, apply, plan, summary
+    from .schedule import Phase, Schedule, gradual
+    from .spec import Rule, Spec, freeze, unfreeze
+    from .state import State, fingerprint, frozen, restore, snapshot
+    from .tree import Summary
 
 
 def __getattr__(name: str) -> Any:
-    # `ll.torch` / `ll.keras` load the framework helpers only when asked for.
-    if name in ("torch", "keras"):
-        import importlib
-
+    if name in _API:
+        value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:  # `ll.torch` etc. import their framework only when asked for
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'layerlock' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES])

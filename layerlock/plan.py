@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -172,6 +171,8 @@ def check_options(spec: object, bn: object, frozen_mode: object) -> None:
 
 
 def _suggest(word: str, candidates: Iterable[str]) -> list[str]:
+    import difflib  # only on the error path
+
     pool = set(candidates)
     if word.startswith("*."):  # a suffix glob: compare against the short names too
         pool |= {"*." + c.rpartition(".")[2] for c in pool}

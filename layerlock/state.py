@@ -12,7 +12,6 @@ True
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,6 +129,8 @@ def fingerprint(model: Any, which: str = "frozen") -> str:
     >>> ll.fingerprint(net, "all") == ll.fingerprint(net, "all")
     True
     """
+    import hashlib
+
     from .backends import get_backend
 
     if which not in WHICH:
