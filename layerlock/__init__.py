@@ -25,12 +25,12 @@ _API = {
     # specs
     "Spec": "spec", "Rule": "spec", "freeze": "spec", "unfreeze": "spec",
     # using specs
-    "plan": "plan", "apply": "plan", "summary": "plan",
+    "plan": "planning", "apply": "planning", "summary": "planning",
     "snapshot": "state", "restore": "state", "frozen": "state", "fingerprint": "state",
     # schedules
     "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
     # reports and values
-    "Plan": "plan", "ParamPlan": "plan", "LayerPlan": "plan", "Summary": "tree", "State": "state",
+    "Plan": "planning", "ParamPlan": "planning", "LayerPlan": "planning", "Summary": "tree", "State": "state",
 }
 _ERRORS = ["LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
            "LayerlockWarning"]
@@ -42,7 +42,7 @@ TYPE_CHECKING = False  # not `from typing import ...`: importing typing alone co
 if TYPE_CHECKING:
     from typing import Any
 
-    from .plan import LayerPlan, ParamPlan, Plan, apply, plan, summary
+    from .planning import LayerPlan, ParamPlan, Plan, apply, plan, summary
     from .schedule import Phase, Schedule, gradual
     from .spec import Rule, Spec, freeze, unfreeze
     from .state import State, fingerprint, frozen, restore, snapshot

@@ -16,7 +16,7 @@ import keras
 
 from .backends.keras import KerasBackend, TfKerasBackend, sync_optimizer
 from .errors import SpecError
-from .plan import BnPolicy, apply, plan
+from .planning import BnPolicy, apply, plan
 from .schedule import Schedule, transition
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]

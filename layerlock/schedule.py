@@ -23,7 +23,7 @@ from typing import Any
 
 from ._format import count
 from .errors import SpecError
-from .plan import Plan
+from .planning import Plan
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LayerlockError, SpecError
-from .plan import BnPolicy, Plan, apply
+from .planning import BnPolicy, Plan, apply
 from .spec import Spec, freeze
 
 WHICH = ("frozen", "trainable", "all")

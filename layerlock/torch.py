@@ -20,7 +20,7 @@ import torch
 
 from .backends.torch import TorchBackend, ddp_of, unwrap
 from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
-from .plan import BnPolicy, Plan, apply, plan
+from .planning import BnPolicy, Plan, apply, plan
 from .spec import Spec
 from .schedule import Schedule, transition
 from .spec import matcher

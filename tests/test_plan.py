@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import layerlock as ll
-from layerlock.plan import resolve
+from layerlock.planning import resolve
 from layerlock.tree import Node, Param
 
 from .fake import FakeModel, resnetish

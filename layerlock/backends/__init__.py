@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendError
-from ..plan import Plan
+from ..planning import Plan
 from ..state import State
 from ..tree import Node
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, SpecError
-from ..plan import Plan
+from ..planning import Plan
 from ..state import State
 from ..tree import Node, Param
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import DistributedFreezeError
-from ..plan import Plan
+from ..planning import Plan
 from ..state import State
 from ..tree import Node, Param
 
