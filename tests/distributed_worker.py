@@ -19,7 +19,9 @@ def make():
 
 
 def flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    """All parameters as one tensor (FSDP2 shards are gathered first)."""
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).flatten()
+                      for p in model.parameters()])
 
 
 def in_sync(model):
@@ -29,17 +31,18 @@ def in_sync(model):
     return all(torch.equal(every[0], other) for other in every[1:])
 
 
-def train(ddp, inner, steps, rank, start=0):
+def train(forward, model, steps, rank, start=0):
     """SGD with momentum and weight decay on rank-specific data; True if in sync after every step."""
-    opt = torch.optim.SGD(inner.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                          weight_decay=0.1)
     synced = True
     for step in range(start, start + steps):
         g = torch.Generator().manual_seed(100 * rank + step)
         x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
         opt.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
+        nn.functional.cross_entropy(forward(x), y).backward()
         opt.step()
-        synced &= in_sync(inner)
+        synced &= in_sync(model)
     return synced
 
 
@@ -108,31 +111,15 @@ def fsdp2(rank):
     fully_shard(model)
     w0 = model[0].weight.full_tensor().clone()
     full_keys = list(model.state_dict())
-    synced = _train_sharded(model, rank, 2)
+    synced = train(model, model, 2, rank)
     result = {"synced": synced, "frozen_same": torch.equal(w0, model[0].weight.full_tensor()),
               "state_dict_keys": full_keys == [n for n in make().state_dict()]}
     ll.apply(model, ll.unfreeze("0").freeze("4"))
     w4 = model[4].weight.full_tensor().clone()
-    result["after_shard_synced"] = _train_sharded(model, rank, 2, start=2)
+    result["after_shard_synced"] = train(model, model, 2, rank, start=2)
     result["after_shard_moved"] = not torch.equal(w0, model[0].weight.full_tensor())
     result["after_shard_frozen_same"] = torch.equal(w4, model[4].weight.full_tensor())
     return result
-
-
-def _train_sharded(model, rank, steps, start=0):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=0.1)
-    synced = True
-    for step in range(start, start + steps):
-        g = torch.Generator().manual_seed(100 * rank + step)
-        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        full = torch.cat([p.full_tensor().flatten() for p in model.parameters()])
-        every = [torch.zeros_like(full) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, full)
-        synced &= all(torch.equal(every[0], other) for other in every[1:])
-    return synced
 
 
 def fsdp1():
