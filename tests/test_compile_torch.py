@@ -52,3 +52,19 @@ def test_schedule_beyond_the_recompile_limit_warns_before_training():
         warnings.simplefilter("error")
         llt.FreezeScheduler(ll.gradual(3), compiled, None, log=None)
         llt.FreezeScheduler(ll.Schedule({e: ll.freeze() for e in range(12)}), model, None, log=None)
+
+
+def test_reentrant_checkpoint_after_a_frozen_input_loses_gradients_and_the_documented_fix_works():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(embed=nn.Linear(4, 4), block=nn.Linear(4, 4), head=nn.Linear(4, 1)))
+    ll.apply(model, ll.freeze("embed"))
+    x = torch.randn(2, 4)
+    for reentrant, expect_grad in ((True, False), (False, True)):
+        model["block"].weight.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h = checkpoint(model["block"], model["embed"](x), use_reentrant=reentrant)
+            model["head"](h).sum().backward()
+        assert (model["block"].weight.grad is not None) is expect_grad
