@@ -328,7 +328,8 @@ class FreezeScheduler:
             added = sync_optimizer(self.optimizer, self.model, self.schedule.phases[index].lr, self.scheduler)
         self.phase = index
         if self.log is not None:
-            extra = f"optimizer +{len(added)} tensors" if added else ""
+            lr = self.schedule.phases[index].lr
+            extra = f"optimizer +{len(added)} tensors" + (f" at lr {lr:g}" if lr is not None else "") if added else ""
             self.log(transition(epoch, index, self.schedule, result, extra))
         return result
 
