@@ -1,0 +1,132 @@
+"""What runs inside one subprocess: the step-time suite of one backend, one memory probe,
+or the apply-overhead suite. One framework per process (``KERAS_BACKEND`` is read once at
+import), and a probe's peak RSS is then its own.
+
+    python -m benchmarks.worker steps SUITE OUT.json [--quick] [--device D] [--threads N]
+    python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
+    python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+from . import env
+from .measure import MODES, current_rss_mb, interleave, peak_rss_mb, ratios
+
+KERAS_SUITES = {"keras-tf": "tensorflow", "keras-torch": "torch"}
+REPS = {True: 5, False: 15}       # repetitions per mode, --quick and full
+PROBE_STEPS = 3
+
+
+def cases_module(suite: str) -> ModuleType:
+    """The cases module of a suite; Keras suites require KERAS_BACKEND set by the parent."""
+    if suite == "torch":
+        from . import torch_cases
+        return torch_cases
+    expected = KERAS_SUITES[suite]
+    if os.environ.get("KERAS_BACKEND") != expected:
+        raise SystemExit(f"suite {suite} needs KERAS_BACKEND={expected}; "
+                         f"received {os.environ.get('KERAS_BACKEND')!r}")
+    from . import keras_cases
+    return keras_cases
+
+
+def set_threads(threads: int) -> dict[str, Any]:
+    """Pin intra-op threads (the reference figures use 2) and report what was set."""
+    out: dict[str, Any] = {}
+    if "torch" in sys.modules:
+        import torch
+        torch.set_num_threads(threads)
+        out["torch"] = torch.get_num_threads()
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+        tf.get_logger().setLevel("ERROR")  # retracing notes: each mode is its own model
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        out["tensorflow"] = threads
+    return out
+
+
+def cuda_peak(device: str) -> tuple[Any, Any] | None:
+    """(reset, read MB) of torch's CUDA allocator peak, or None off the GPU."""
+    if device != "cuda":
+        return None
+    import torch
+    return (torch.cuda.reset_peak_memory_stats,
+            lambda: torch.cuda.max_memory_allocated() / 2**20)
+
+
+def run_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Every case of the suite, all five modes interleaved; one progress bar."""
+    from tqdm import tqdm
+
+    mod = cases_module(args.suite)
+    threads = set_threads(args.threads)
+    names = [c for c in mod.CASES if not args.cases or c in args.cases]
+    modes_ = getattr(mod, "MODES", MODES)
+    reps = args.reps or REPS[args.quick]
+    results: dict[str, Any] = {}
+    with tqdm(total=len(names) * len(modes_) * reps, desc=args.suite, unit="sample",
+              leave=False, file=sys.stderr) as bar:
+        for name in names:
+            case = mod.CASES[name]
+            bar.set_postfix_str(name)
+            built = {m: mod.make_step(case, m, args.quick, args.device) for m in modes_}
+            steps = {m: built[m][0] for m in modes_}
+            modes = interleave(steps, reps=reps, warmup=args.warmup, sync=mod.sync(args.device),
+                               on_sample=bar.update, peak=cuda_peak(args.device))
+            results[name] = {"size": dict(case.size(args.quick)), **mod.describe(built["full"][1]),
+                             "modes": modes, "ratios": ratios(modes)}
+            del built, steps
+    return {"suite": args.suite, "threads": threads, "reps": reps, "cases": results}
+
+
+def run_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of building one model in one mode and training it a few steps."""
+    mod = cases_module(args.suite)
+    set_threads(args.threads)
+    before_build = current_rss_mb()
+    step, _ = mod.make_step(mod.CASES[args.case], args.mode, args.quick, args.device)
+    after_build = current_rss_mb()
+    for _ in range(PROBE_STEPS):
+        step()
+    peak = peak_rss_mb()
+    return {"peak_rss_mb": peak, "rss_before_build_mb": before_build,
+            "rss_after_build_mb": after_build, "train_increment_mb": peak - after_build}
+
+
+def run_apply(args: argparse.Namespace) -> dict[str, Any]:
+    from . import overhead
+    set_threads(args.threads)
+    return overhead.run(args.suite, args.quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    env.quiet_frameworks()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
+    p.add_argument("task", choices=("steps", "probe", "apply"))
+    p.add_argument("suite", choices=("torch", *KERAS_SUITES))
+    p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cases", nargs="*", default=None)
+    args = p.parse_args(argv)
+    *extra, out = args.rest
+    if args.task == "probe":
+        args.case, args.mode = extra
+    result = {"steps": run_steps, "probe": run_probe, "apply": run_apply}[args.task](args)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
