@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ._format import count, table
 from .errors import LayerlockWarning, NoMatchError, SpecError
@@ -26,8 +28,7 @@ FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
 BnPolicy = Literal["follow", "trainable", "frozen"]
 
 
-@dataclass(frozen=True)
-class ParamPlan:
+class ParamPlan(NamedTuple):
     """The decision for one parameter: trainable ``before`` and ``after`` (True = trainable),
     the deciding ``rule`` (index into the spec's rules, ``"bn"`` for the bn policy, or None
     when no rule selects it) and the other paths of a tied parameter (``aliases``)."""
@@ -40,8 +41,7 @@ class ParamPlan:
     aliases: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class LayerPlan:
+class LayerPlan(NamedTuple):
     """A layer whose inference-mode hold is decided: ``before``/``after`` (True = held in
     inference mode) and why (``"bn"`` policy or ``"frozen_mode"``)."""
 
@@ -185,20 +185,24 @@ class _Resolver:
 
     def __init__(self, root: Node, strict: bool) -> None:
         self.strict = strict
-        self.nodes = list(root.walk())
-        self.index = {id(n): i for i, n in enumerate(self.nodes)}
-        self.end = [0] * len(self.nodes)
-        for i in range(len(self.nodes) - 1, -1, -1):
-            node = self.nodes[i]
-            self.end[i] = self.end[self.index[id(node.children[-1])]] if node.children else i + 1
+        self.nodes: list[Node] = []
+        self.end: list[int] = []
         self.owner: list[int] = []
         self.occurrences: list[Param] = []
         self.first_occ: list[int] = []  # node i's subtree holds occurrences [first_occ[i], first_occ[end[i]])
-        for i, node in enumerate(self.nodes):
+
+        def visit(node: Node) -> None:
+            i = len(self.nodes)
+            self.nodes.append(node)
+            self.end.append(0)
             self.first_occ.append(len(self.occurrences))
-            for p in node.params:
-                self.occurrences.append(p)
-                self.owner.append(i)
+            self.occurrences.extend(node.params)
+            self.owner.extend([i] * len(node.params))
+            for child in node.children:
+                visit(child)
+            self.end[i] = len(self.nodes)
+
+        visit(root)
         self.first_occ.append(len(self.occurrences))
         self.node_rule = [-1] * len(self.nodes)
         self.param_rule = [-1] * len(self.occurrences)
@@ -263,14 +267,19 @@ class _Resolver:
                                pattern=where, suggestions=hint)
             self.fail(exc)
             return
-        children = self.nodes[self.by_path[where]].children
+        container = self.by_path[where]
+        children = []  # indices of the container's children: each subtree ends where the next begins
+        j = container + 1
+        while j < self.end[container]:
+            children.append(j)
+            j = self.end[j]
         if abs(rule.depth) > len(children):
             self.fail(SpecError(
                 f"rule #{r} {rule!r}: depth={rule.depth} but {where or 'the model'!s} has "
-                f"{len(children)} blocks ({', '.join(c.path for c in children[:5])}"
+                f"{len(children)} blocks ({', '.join(self.nodes[c].path for c in children[:5])}"
                 f"{', ...' if len(children) > 5 else ''}); accepted: -{len(children)} to {len(children)}"))
         for child in children[: rule.depth]:
-            self.mark(self.index[id(child)], r)
+            self.mark(child, r)
 
 
 def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -294,34 +303,38 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     norm_keys = {p.key for n in nodes if n.norm for p in n.params}
 
     # Each occurrence's deciding rule: the latest rule that selected it or an ancestor.
-    decided: dict[Hashable, list[int]] = {}
+    # Occurrences of one key are a tied parameter: one entry, decided once.
+    groups: dict[Hashable, tuple[Param, list[int], list[str]]] = {}
+    param_rule, node_rule, owner = res.param_rule, res.node_rule, res.owner
     for o, p in enumerate(occ):
-        decided.setdefault(p.key, []).append(max(res.param_rule[o], res.node_rule[res.owner[o]]))
+        r = max(param_rule[o], node_rule[owner[o]])
+        group = groups.get(p.key)
+        if group is None:
+            groups[p.key] = (p, [r], [])
+        else:
+            group[1].append(r)
+            group[2].append(p.path)
 
+    actions = [rule.action == "unfreeze" for rule in spec.rules]
+    override = None if bn == "follow" else bn == "trainable"
     params: list[ParamPlan] = []
     after_by_key: dict[Hashable, bool] = {}
-    first: dict[Hashable, Param] = {}
-    aliases: dict[Hashable, list[str]] = {}
-    for p in occ:
-        if p.key in first:
-            aliases[p.key].append(p.path)
-        else:
-            first[p.key], aliases[p.key] = p, []
-    for key, p in first.items():
-        rules = [r for r in decided[key] if r >= 0]
-        actions = {spec.rules[r].action for r in rules}
-        if len(actions) > 1:
-            paths = [p.path, *aliases[key]]
+    for key, (p, decided, aliases) in groups.items():
+        rule: int | str | None = max(decided)
+        if aliases and len({actions[r] for r in decided if r >= 0}) > 1:
+            paths = [p.path, *aliases]
             res.fail(SpecError(
                 f"tied parameter {' = '.join(paths)} is one tensor, but the rules disagree: "
-                + "; ".join(f"{path} <- #{r} {spec.rules[r]!r}" for path, r in zip(paths, decided[key]) if r >= 0)
+                + "; ".join(f"{path} <- #{r} {spec.rules[r]!r}" for path, r in zip(paths, decided) if r >= 0)
                 + ". Add a last rule that names all its paths to decide it."))
-        rule: int | str | None = max(rules) if rules else None
-        after = p.trainable if not rules else spec.rules[max(rules)].action == "unfreeze"
-        if key in norm_keys and bn != "follow":
-            rule, after = "bn", bn == "trainable"
+        if rule == -1:
+            rule, after = None, p.trainable
+        else:
+            after = actions[rule]  # type: ignore[index]
+        if override is not None and key in norm_keys:
+            rule, after = "bn", override
         after_by_key[key] = after
-        params.append(ParamPlan(p.path, p.numel, p.trainable, after, rule, tuple(aliases[key])))
+        params.append(ParamPlan(p.path, p.numel, p.trainable, after, rule, tuple(aliases)))
 
     if not param_level:
         for node in nodes:
@@ -397,8 +410,9 @@ def plan(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow"
 
     check_options(spec, bn, frozen_mode)
     backend = get_backend(model)
-    return resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                   param_level=backend.param_level, backend=backend.name)
+    with _no_gc():
+        return resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                       param_level=backend.param_level, backend=backend.name)
 
 
 def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -419,10 +433,24 @@ def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow
 
     check_options(spec, bn, frozen_mode)
     backend = get_backend(model)
-    result = resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                     param_level=backend.param_level, backend=backend.name)
-    backend.apply(model, result)
+    with _no_gc():
+        result = resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                         param_level=backend.param_level, backend=backend.name)
+        backend.apply(model, result)
     return result
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a plan allocates a few objects per tensor, and on
+    large models the collections it triggers would walk the whole model again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def summary(model: Any) -> Summary:

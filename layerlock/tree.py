@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ._format import count, table
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Param:
     """One parameter occurrence: its path, size, current trainable flag and identity."""
 
@@ -28,7 +28,7 @@ class Param:
     key: Hashable
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """A layer: ``path`` ('' for the root), ``kind`` (class name), direct ``params``,
     ``children`` in the framework's order, ``norm`` (a BatchNorm-like layer that the ``bn``

@@ -20,6 +20,8 @@ pickled model loads without layerlock (the flag is then inert).
 from __future__ import annotations
 
 import functools
+import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,7 +110,8 @@ def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
     fails); making trainable a parameter DDP does not track raises nothing but its
     gradients are never all-reduced, so the ranks drift apart silently.
     """
-    fsdp1 = [m for m in (model, *unwrap(model).modules()) if type(m).__name__ == "FullyShardedDataParallel"]
+    fsdp1 = "torch.distributed.fsdp" in sys.modules and any(
+        type(m).__name__ == "FullyShardedDataParallel" for m in (model, *unwrap(model).modules()))
     if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
         raise DistributedFreezeError(
             "this model holds FSDP1 FullyShardedDataParallel units, which flatten parameters at wrap time; "
@@ -155,27 +158,37 @@ class TorchBackend:
 
     def __init__(self) -> None:
         _install_train_hold()
+        self._walks: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, nn.Module)
 
     def tree(self, model: nn.Module) -> Node:
         norm = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        tensors: dict[str, nn.Parameter] = {}
 
         def build(path: str, module: nn.Module) -> Node:
             prefix = path + "." if path else ""
-            return Node(
-                path, type(module).__name__,
-                params=[Param(prefix + n, _numel(p), p.requires_grad, id(p))
-                        for n, p in module._parameters.items() if p is not None],
-                children=[build(prefix + n, m) for n, m in module._modules.items() if m is not None],
-                norm=isinstance(module, norm), held=module.__dict__.get(HOLD, False), key=id(module))
+            params = []
+            for n, p in module._parameters.items():
+                if p is not None:
+                    name = prefix + n
+                    tensors.setdefault(name, p)
+                    params.append(Param(name, _numel(p), p.requires_grad, id(p)))
+            return Node(path, type(module).__name__, params,
+                        [build(prefix + n, m) for n, m in module._modules.items() if m is not None],
+                        isinstance(module, norm), module.__dict__.get(HOLD, False), id(module))
 
-        return build("", unwrap(model))
+        root = unwrap(model)
+        node = build("", root)
+        self._walks[root] = tensors  # ll.apply() calls tree() then apply(): walk the model once
+        return node
 
     def apply(self, model: nn.Module, plan: Plan) -> None:
         root = unwrap(model)
-        params = dict(root.named_parameters())
+        params = self._walks.pop(root, None)
+        if params is None or any(e.path not in params for e in plan.params):
+            params = dict(root.named_parameters(remove_duplicate=False))
         check_ddp(model, {e.path: e.after for e in plan.params})
         for entry in plan.params:
             p = params[entry.path]
