@@ -325,19 +325,19 @@ def write(results_dir: Path, docs: Path) -> Path:
 
 
 APPLY_PROFILE = (
-    "Where `ll.apply`'s time goes (cProfile, synthetic torch models): "
-    "(1) `layerlock/planning.py:resolve`, its own body: four passes over every parameter "
-    "occurrence that allocate a list per parameter (`decided`, `aliases`), a list and a set "
-    "comprehension per parameter and a frozen-dataclass `ParamPlan` (about 40% of the total); "
-    "(2) Python's cyclic garbage collector, triggered by the ~5 objects per tensor that "
-    "`TorchBackend.tree` and `resolve` allocate: its full collections traverse the whole model, "
-    "which is what makes the cost per tensor grow with size (disabling GC during apply brings "
-    "100k tensors back to roughly the 10k cost per tensor); (3) `TorchBackend.tree` and "
-    "`TorchBackend.apply` each walk the module tree (`build`, then `dict(named_parameters())`), "
-    "where the hand loop walks it once. Suggested fixes: one pass in `resolve` that allocates "
-    "alias lists only for tied parameters; pause the collector (`gc.disable()` in try/finally) "
-    "around tree + resolve + apply in `planning.apply`/`plan`; let the torch backend keep the "
-    "path -> tensor map from `tree()` instead of calling `named_parameters()` again.")
+    "Where `ll.apply`'s time goes (cProfile, synthetic torch models). The first full run found "
+    "three hot spots, since fixed: `resolve` made four passes with a list per parameter (now one "
+    "pass, alias lists only for tied parameters, `ParamPlan` a NamedTuple); the cyclic garbage "
+    "collector walked the whole model during resolution (now paused around tree + resolve + "
+    "apply); the torch backend walked the model twice (now `apply` reuses `tree()`'s path -> "
+    "tensor map). The apply rows above were re-measured after those fixes "
+    "(`python -m benchmarks --only apply,import`). What remains is building the framework-neutral "
+    "tree (a node per module, an entry per tensor) and resolving the rules over it, about "
+    "4-5 µs per tensor in Python, against 2 µs for a bare loop that validates nothing: the plan "
+    "is what gives strict typo checks with suggestions, tied-parameter decisions, BatchNorm "
+    "modes, the dry run and the report. In absolute terms: about 1 ms for BERT-base, 0.7 s for "
+    "100k tensors. On Keras, `apply` also syncs the optimizer and rebuilds the train function, "
+    "which any correct hand-written freeze must do too (the `hand + compile` column).")
 
 
 def notes(results: dict[str, Any]) -> list[str]:

@@ -102,6 +102,11 @@ def _reducer_params(ddp: nn.parallel.DistributedDataParallel, params: dict[str, 
     return current
 
 
+def _wrapped_for_distribution(model: nn.Module) -> bool:
+    """Cheap test for a DDP wrapper or FSDP1 units, before the full check."""
+    return ddp_of(model) is not None or "torch.distributed.fsdp" in sys.modules
+
+
 def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
     """Refuse a trainable set that DDP's reducer, built at wrap time, cannot serve.
 
@@ -110,7 +115,7 @@ def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
     fails); making trainable a parameter DDP does not track raises nothing but its
     gradients are never all-reduced, so the ranks drift apart silently.
     """
-    fsdp1 = "torch.distributed.fsdp" in sys.modules and any(
+    fsdp1 = any(
         type(m).__name__ == "FullyShardedDataParallel" for m in (model, *unwrap(model).modules()))
     if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
         raise DistributedFreezeError(
@@ -143,10 +148,7 @@ def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
 
 
 def _numel(p: torch.Tensor) -> int:
-    try:
-        return p.numel()
-    except (RuntimeError, ValueError):  # an uninitialised lazy parameter
-        return 0
+    return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
 class TorchBackend:
@@ -175,9 +177,9 @@ class TorchBackend:
                     name = prefix + n
                     tensors.setdefault(name, p)
                     params.append(Param(name, _numel(p), p.requires_grad, id(p)))
-            return Node(path, type(module).__name__, params,
-                        [build(prefix + n, m) for n, m in module._modules.items() if m is not None],
-                        isinstance(module, norm), module.__dict__.get(HOLD, False), id(module))
+            children = [build(prefix + n, m) for n, m in module._modules.items() if m is not None]
+            return Node(path, type(module).__name__, params, children, isinstance(module, norm),
+                        module.__dict__.get(HOLD, False), id(module))
 
         root = unwrap(model)
         node = build("", root)
@@ -189,12 +191,13 @@ class TorchBackend:
         params = self._walks.pop(root, None)
         if params is None or any(e.path not in params for e in plan.params):
             params = dict(root.named_parameters(remove_duplicate=False))
-        check_ddp(model, {e.path: e.after for e in plan.params})
+        if _wrapped_for_distribution(model):
+            check_ddp(model, {e.path: e.after for e in plan.params})
         for entry in plan.params:
             p = params[entry.path]
             if p.requires_grad != entry.after:
                 p.requires_grad_(entry.after)
-            if not entry.after:
+            if not entry.after and p.grad is not None:
                 p.grad = None  # no stale gradient, momentum step or weight decay can move it
         for layer in sorted(plan.layers, key=lambda lp: lp.path.count(".")):  # parents first
             module = root.get_submodule(layer.path)
@@ -214,7 +217,8 @@ class TorchBackend:
 
     def write(self, model: nn.Module, state: State) -> None:
         root = unwrap(model)
-        check_ddp(model, dict(state.params))
+        if _wrapped_for_distribution(model):
+            check_ddp(model, dict(state.params))
         for n, p in root.named_parameters():
             p.requires_grad_(state.params[n])
             if not state.params[n]:
