@@ -191,16 +191,19 @@ class _Resolver:
         self.occurrences: list[Param] = []
         self.first_occ: list[int] = []  # node i's subtree holds occurrences [first_occ[i], first_occ[end[i]])
 
+        nodes, end, owner, occurrences, first_occ = self.nodes, self.end, self.owner, self.occurrences, self.first_occ
+
         def visit(node: Node) -> None:
-            i = len(self.nodes)
-            self.nodes.append(node)
-            self.end.append(0)
-            self.first_occ.append(len(self.occurrences))
-            self.occurrences.extend(node.params)
-            self.owner.extend([i] * len(node.params))
+            i = len(nodes)
+            nodes.append(node)
+            end.append(0)
+            first_occ.append(len(occurrences))
+            if node.params:
+                occurrences.extend(node.params)
+                owner.extend([i] * len(node.params))
             for child in node.children:
                 visit(child)
-            self.end[i] = len(self.nodes)
+            end[i] = len(nodes)
 
         visit(root)
         self.first_occ.append(len(self.occurrences))
