@@ -300,8 +300,19 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     """
     check_options(spec, bn, frozen_mode)
     res = _Resolver(root, strict)
+    # Tied parameters (one key, several paths) need every rule that selects each path.
+    first_seen: dict[Hashable, int] = {}
+    tied: list[int] = []
+    for o, p in enumerate(res.occurrences):
+        if first_seen.setdefault(p.key, o) != o:
+            tied += [first_seen[p.key], o]
+    tied = sorted(set(tied))
+    selected_by: dict[int, set[int]] = {o: set() for o in tied}
     for r, spec_rule in enumerate(spec.rules):
         res.apply_rule(r, spec_rule)
+        for o in tied:
+            if r in (res.param_rule[o], res.node_rule[res.owner[o]]):
+                selected_by[o].add(r)
     nodes, occ = res.nodes, res.occurrences
     norm_keys = {p.key for n in nodes if n.norm for p in n.params}
 
@@ -323,13 +334,9 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     params: list[ParamPlan] = []
     after_by_key: dict[Hashable, bool] = {}
     for key, (p, decided, aliases) in groups.items():
-        rule: int | str | None = max(decided)
-        if aliases and len({actions[r] for r in decided if r >= 0}) > 1:
-            paths = [p.path, *aliases]
-            res.fail(SpecError(
-                f"tied parameter {' = '.join(paths)} is one tensor, but the rules disagree: "
-                + "; ".join(f"{path} <- #{r} {spec.rules[r]!r}" for path, r in zip(paths, decided) if r >= 0)
-                + ". Add a last rule that names all its paths to decide it."))
+        rule: int | str | None = max(decided)  # one parameter: the last rule selecting any path
+        if aliases:
+            _check_tied(res, spec, [o for o in tied if occ[o].key == key], selected_by)
         if rule == -1:
             rule, after = None, p.trainable
         else:
@@ -351,6 +358,22 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
 
     layers = _layer_plans(res, bn, frozen_mode, after_by_key, spec)
     return Plan(spec, tuple(params), tuple(layers), bn, frozen_mode, backend)
+
+
+def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int], selected_by: dict[int, set[int]]) -> None:
+    """Report rules that disagree about a tied parameter. Rules selecting all its paths
+    treat it as one tensor; a disagreement is two paths whose last rules of their own (after
+    the last shared one) ask for different things, as in freeze("transformer") then
+    unfreeze("lm_head") when lm_head.weight is the embedding matrix."""
+    shared = set.intersection(*(selected_by[o] for o in occurrences))
+    last_shared = max(shared, default=-1)
+    own = {o: max((r for r in selected_by[o] - shared if r > last_shared), default=-1) for o in occurrences}
+    if len({spec.rules[r].action for r in own.values() if r >= 0}) > 1:
+        res.fail(SpecError(
+            f"tied parameter {' = '.join(res.occurrences[o].path for o in occurrences)} is one tensor, but "
+            "the rules disagree: " + "; ".join(f"{res.occurrences[o].path} <- #{r} {spec.rules[r]!r}"
+                                                for o, r in own.items() if r >= 0)
+            + ". Add a last rule that names all its paths to decide it."))
 
 
 def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: dict[Hashable, bool],

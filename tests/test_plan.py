@@ -168,6 +168,13 @@ def test_rules_that_disagree_about_a_tied_parameter_are_reported():
     assert plan.trainable[0] == "embed.weight"  # the later rule
 
 
+def test_a_later_rule_on_one_path_of_a_tied_parameter_decides_it_without_conflict():
+    plan = resolve(tied_tree(), ll.unfreeze().freeze("embed"))  # "everything but the embeddings"
+    assert plan.frozen == ("embed.weight",)
+    plan = resolve(tied_tree(), ll.freeze("embed").unfreeze())
+    assert plan.frozen == ()
+
+
 def test_layer_only_backends_refuse_plans_that_split_a_layer():
     with pytest.raises(ll.SpecError, match="whole layers only.*'head'"):
         resolve(tree(), ll.freeze().unfreeze("head.bias"), param_level=False)
