@@ -297,8 +297,9 @@ that turns off dropout in the frozen part, fixes BatchNorm statistics, and lets
 a gradient. The trade-off: the frozen part no longer applies dropout, so its features
 are the deterministic ones (usually what you want from a frozen feature extractor, but not
 the same regularisation as before). Keras has no per-layer inference switch: a held
-subtree's BatchNorm stops updating, but its Dropout layers still drop during `fit`, so the
-option changes little there.
+subtree's BatchNorm layers are frozen (so Keras runs them in inference mode) and its Dropout
+layers get `rate = 0` until the hold is released; the Keras rows were measured before
+that Dropout change.
 """
 
 

@@ -235,3 +235,21 @@ def test_tf_keras_fit_trains_exactly_the_applied_set(tf_keras, when):
     before = values()
     model.fit(x, y, verbose=0)
     assert len(moved(before)) == 8 and int(model.optimizer.iterations.numpy()) == steps + 1  # one batch of 32
+
+
+def test_frozen_mode_eval_turns_dropout_off_in_held_subtrees_only_and_restore_brings_it_back():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="dense"),
+                             keras.layers.Dropout(0.5, name="drop")], name="base")
+    model = keras.Sequential([keras.Input((8,)), base, keras.layers.Dropout(0.5, name="top_drop"),
+                              keras.layers.Dense(2, name="head")])
+    x = np.ones((4, 8), "float32")
+    state = ll.snapshot(model)
+    plan = ll.apply(model, ll.freeze("base"), frozen_mode="eval")
+    assert plan.held == ("base",)
+    assert base.get_layer("drop").rate == 0.0 and model.get_layer("top_drop").rate == 0.5
+    features = keras.Model(base.inputs, base.outputs)
+    np.testing.assert_array_equal(features(x, training=True), features(x, training=True))
+    ll.restore(model, state)
+    assert base.get_layer("drop").rate == 0.5
+    assert not np.array_equal(features(x, training=True), features(x, training=True))

@@ -8,8 +8,9 @@ Translation table (Keras 3 on TensorFlow, torch and JAX):
   because Keras cascades a layer's flag to its sublayers and variables
 - BatchNorm held <-> ``layer.trainable = False`` (Keras runs it in inference mode then)
 - ``frozen_mode="eval"`` hold -> the layer attribute ``_layerlock_held`` plus
-  ``trainable = False``. Keras has no per-layer inference switch: BatchNorm beneath stops
-  updating its statistics, but Dropout in a held subtree still drops during ``fit``.
+  ``trainable = False`` (BatchNorm beneath stops updating its statistics). Keras has no
+  per-layer inference switch, so the Dropout layers in a held subtree get ``rate = 0``
+  (the rate is kept in ``_layerlock_rate`` and put back on release).
 - compiled model -> the optimizer tracks exactly ``model.trainable_variables`` (slots of
   variables that stay trainable kept, new ones created, frozen ones parked on the side,
   see :func:`sync_optimizer`) and the cached train/test/predict functions are rebuilt, so
@@ -47,6 +48,8 @@ from ..state import State
 from ..tree import Node, Param
 
 HOLD = "_layerlock_held"
+RATE = "_layerlock_rate"
+DROPOUTS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "AlphaDropout")
 PARKED = "_layerlock_parked"
 
 
@@ -372,6 +375,22 @@ class KerasBackend:
         for variable in index.variables.values():
             if id(variable) in after:
                 self._set_variable(variable, after[id(variable)])
+        self._hold_dropout(index)
+
+    def _hold_dropout(self, index: _Index) -> None:
+        """Dropout is off (rate 0) exactly inside held subtrees; the rate comes back on release."""
+        held = [node.path + "." for node, layer in index.order if layer.__dict__.get(HOLD)]
+        for node, layer in index.order:
+            if type(layer).__name__ not in DROPOUTS:
+                continue
+            inside = any((node.path + ".").startswith(h) for h in held)
+            saved = layer.__dict__.get(RATE)
+            if inside and saved is None:
+                object.__setattr__(layer, RATE, layer.rate)
+                layer.rate = 0.0
+            elif not inside and saved is not None:
+                layer.rate = saved
+                object.__delattr__(layer, RATE)
 
     def _layer_flags(self, index: _Index, after: dict[Hashable, bool], held: dict[Hashable, bool],
                      forced: dict[Hashable, bool]) -> dict[Hashable, bool]:
