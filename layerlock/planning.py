@@ -131,7 +131,9 @@ class Plan:
         rows: list[list[Any]] = []
         for p in self.params:
             parent, _, name = p.path.rpartition(".")
-            key = (parent, p.before, p.after, p.rule)
+            if p.aliases:  # a tied parameter shows all its paths
+                name += f" (= {', '.join(p.aliases)})"
+            key = (parent, p.before, p.after, p.rule, p.aliases)
             if rows and rows[-1][-1] == key:
                 rows[-1][0].append(name)
                 rows[-1][1] += p.numel

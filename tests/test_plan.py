@@ -158,6 +158,7 @@ def test_tied_parameters_are_one_parameter_with_one_decision():
     assert plan.frozen == ("embed.weight",)
     assert plan.params[0].aliases == ("lm_head.weight",)
     assert plan.frozen_scalars == 12
+    assert "embed.weight (= lm_head.weight)" in str(plan)
 
 
 def test_rules_that_disagree_about_a_tied_parameter_are_reported():
