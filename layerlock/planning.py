@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
@@ -211,7 +212,10 @@ class _Resolver:
         self.first_occ.append(len(self.occurrences))
         self.node_rule = [-1] * len(self.nodes)
         self.param_rule = [-1] * len(self.occurrences)
-        self.by_path = {n.path: i for i, n in enumerate(self.nodes)}
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, int]:
+        return {n.path: i for i, n in enumerate(self.nodes)}
 
     def fail(self, exc: SpecError) -> None:
         if self.strict:
@@ -302,64 +306,55 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     """
     check_options(spec, bn, frozen_mode)
     res = _Resolver(root, strict)
-    # Tied parameters (one key, several paths) need every rule that selects each path.
-    first_seen: dict[Hashable, int] = {}
-    tied: list[int] = []
-    for o, p in enumerate(res.occurrences):
-        if first_seen.setdefault(p.key, o) != o:
-            tied += [first_seen[p.key], o]
-    tied = sorted(set(tied))
-    selected_by: dict[int, set[int]] = {o: set() for o in tied}
+    occ = res.occurrences
+    # A tied parameter (one key, several paths) needs every rule that selects each path.
+    positions: dict[Hashable, list[int]] = {}
+    for o, p in enumerate(occ):
+        positions.setdefault(p.key, []).append(o)
+    tied = {key: os for key, os in positions.items() if len(os) > 1}
+    selected_by: dict[int, set[int]] = {o: set() for os in tied.values() for o in os}
     for r, spec_rule in enumerate(spec.rules):
         res.apply_rule(r, spec_rule)
-        for o in tied:
+        for o, rules in selected_by.items():
             if r in (res.param_rule[o], res.node_rule[res.owner[o]]):
-                selected_by[o].add(r)
-    nodes, occ = res.nodes, res.occurrences
-    norm_keys = {p.key for n in nodes if n.norm for p in n.params}
+                rules.add(r)
 
-    # Each occurrence's deciding rule: the latest rule that selected it or an ancestor.
-    # Occurrences of one key are a tied parameter: one entry, decided once.
-    groups: dict[Hashable, tuple[Param, list[int], list[str]]] = {}
-    param_rule, node_rule, owner = res.param_rule, res.node_rule, res.owner
-    for o, p in enumerate(occ):
-        r = max(param_rule[o], node_rule[owner[o]])
-        group = groups.get(p.key)
-        if group is None:
-            groups[p.key] = (p, [r], [])
-        else:
-            group[1].append(r)
-            group[2].append(p.path)
-
+    # Each occurrence is decided by the latest rule that selected it or one of its layers;
+    # a tied parameter by the latest rule that selected any of its paths.
+    node_rule = res.node_rule
+    decided = [max(r, node_rule[i]) for r, i in zip(res.param_rule, res.owner)]
+    aliases: dict[int, tuple[str, ...]] = {}
+    for os in tied.values():
+        _check_tied(res, spec, os, selected_by)
+        last = max(decided[o] for o in os)
+        for o in os:
+            decided[o] = last
+        aliases[os[0]] = tuple(occ[o].path for o in os[1:])
     actions = [rule.action == "unfreeze" for rule in spec.rules]
-    override = None if bn == "follow" else bn == "trainable"
-    params: list[ParamPlan] = []
-    after_by_key: dict[Hashable, bool] = {}
-    for key, (p, decided, aliases) in groups.items():
-        rule: int | str | None = max(decided)  # one parameter: the last rule selecting any path
-        if aliases:
-            _check_tied(res, spec, [o for o in tied if occ[o].key == key], selected_by)
-        if rule == -1:
-            rule, after = None, p.trainable
-        else:
-            after = actions[rule]  # type: ignore[index]
-        if override is not None and key in norm_keys:
-            rule, after = "bn", override
-        after_by_key[key] = after
-        params.append(ParamPlan(p.path, p.numel, p.trainable, after, rule, tuple(aliases)))
+    after = [actions[r] if r >= 0 else p.trainable for r, p in zip(decided, occ)]
+    rule_of: list[int | str | None] = [r if r >= 0 else None for r in decided]
+    if bn != "follow":  # the policy overrides the rules for every norm layer's parameters
+        for i, node in enumerate(res.nodes):
+            if node.norm:
+                for o in range(res.first_occ[i], res.first_occ[i] + len(node.params)):
+                    after[o], rule_of[o] = bn == "trainable", "bn"
+    secondary = {o for os in tied.values() for o in os[1:]}
+    params = tuple(ParamPlan(p.path, p.numel, p.trainable, after[o], rule_of[o], aliases.get(o, ()))
+                   for o, p in enumerate(occ) if o not in secondary)
 
     if not param_level:
-        for node in nodes:
-            states = {after_by_key[q.key] for q in node.params}
-            if len(states) > 1:
+        for i, node in enumerate(res.nodes):
+            first = res.first_occ[i]
+            states = after[first:first + len(node.params)]
+            if len(set(states)) > 1:
                 raise SpecError(
                     f"this backend ({backend or 'unknown'}) freezes whole layers only, but the plan "
                     f"splits layer {node.path!r}: " + ", ".join(
-                        f"{q.path.rpartition('.')[2]} {_state(after_by_key[q.key])}" for q in node.params)
+                        f"{q.path.rpartition('.')[2]} {_state(a)}" for q, a in zip(node.params, states))
                     + ". Select the layer, not single parameters.")
 
-    layers = _layer_plans(res, bn, frozen_mode, after_by_key, spec)
-    return Plan(spec, tuple(params), tuple(layers), bn, frozen_mode, backend)
+    layers = _layer_plans(res, bn, frozen_mode, after, spec)
+    return Plan(spec, params, tuple(layers), bn, frozen_mode, backend)
 
 
 def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int], selected_by: dict[int, set[int]]) -> None:
@@ -378,17 +373,21 @@ def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int], selected_by:
             + ". Add a last rule that names all its paths to decide it."))
 
 
-def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: dict[Hashable, bool],
+def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: list[bool],
                  spec: Spec) -> list[LayerPlan]:
     """Which layers are held in inference mode: frozen norm layers (by the bn policy) and,
-    with ``frozen_mode='eval'``, the topmost fully frozen subtrees."""
-    nodes, occ = res.nodes, res.occurrences
-    trainable_upto = [0]  # prefix sums of trainable-after over occurrences, for subtree queries
-    for p in occ:
-        trainable_upto.append(trainable_upto[-1] + after[p.key])
+    with ``frozen_mode='eval'``, the topmost fully frozen subtrees. ``after`` is the
+    trainable-after flag of each parameter occurrence."""
+    nodes, first_occ = res.nodes, res.first_occ
+    trainable_upto = [0]  # prefix sums over occurrences, for "is this subtree all frozen?"
+    if frozen_mode == "eval":
+        for trainable in after:
+            trainable_upto.append(trainable_upto[-1] + trainable)
 
     out: dict[Hashable, LayerPlan] = {}
     for i, node in enumerate(nodes):
+        if not (node.norm or node.held or frozen_mode):
+            continue
         key = node.key if node.key is not None else id(node)
         if key in out:
             continue
@@ -398,13 +397,13 @@ def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: dict[H
             if bn != "follow":
                 held = bn == "frozen"
             elif node.params:
-                held = not any(after[p.key] for p in node.params)
+                held = not any(after[first_occ[i]:first_occ[i] + len(node.params)])
             elif res.node_rule[i] >= 0:
                 held = spec.rules[res.node_rule[i]].action == "freeze"
             else:
                 held = node.held
         if frozen_mode == "eval" and i > 0 and not held:
-            a, b = res.first_occ[i], res.first_occ[res.end[i]]
+            a, b = first_occ[i], first_occ[res.end[i]]
             parent_held = any(k in out and out[k].after for k in _ancestors(res, i))
             if b > a and trainable_upto[b] == trainable_upto[a] and not parent_held:
                 held, reason = True, "frozen_mode"
