@@ -62,7 +62,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     True
     """
     while type(model).__name__ in _WRAPPERS:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             break
         model = inner
