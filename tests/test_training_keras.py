@@ -78,3 +78,18 @@ def test_resuming_with_initial_epoch_matches_an_uninterrupted_run(tmp_path):
                 callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
     for a, b in zip(straight.weights, resumed.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_the_same_schedule_tests_pass_on_the_torch_keras_backend():
+    """Run this file again with KERAS_BACKEND=torch (Keras picks its backend at import)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("already running on another Keras backend")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not torch_keras_backend"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
