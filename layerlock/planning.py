@@ -433,13 +433,8 @@ def plan(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow"
     >>> ll.plan(net, ll.freeze(depth=1)).frozen
     ('0.weight', '0.bias')
     """
-    from .backends import get_backend
-
-    check_options(spec, bn, frozen_mode)
-    backend = get_backend(model)
     with _no_gc():
-        return resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                       param_level=backend.param_level, backend=backend.name)
+        return _resolve_model(model, spec, strict, bn, frozen_mode)[1]
 
 
 def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -456,15 +451,20 @@ def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow
     >>> net[0].weight.requires_grad
     False
     """
+    with _no_gc():
+        backend, result = _resolve_model(model, spec, strict, bn, frozen_mode)
+        backend.apply(model, result)
+    return result
+
+
+def _resolve_model(model: Any, spec: Spec, strict: bool, bn: BnPolicy, frozen_mode: str | None) -> tuple[Any, Plan]:
+    """The model's backend and the plan of ``spec`` on it (validated before any walk)."""
     from .backends import get_backend
 
     check_options(spec, bn, frozen_mode)
     backend = get_backend(model)
-    with _no_gc():
-        result = resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                         param_level=backend.param_level, backend=backend.name)
-        backend.apply(model, result)
-    return result
+    return backend, resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                            param_level=backend.param_level, backend=backend.name)
 
 
 @contextmanager
