@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -104,19 +104,18 @@ def _reducer_params(ddp: nn.parallel.DistributedDataParallel, params: dict[str, 
     return current
 
 
-def _wrapped_for_distribution(model: nn.Module) -> bool:
-    """Cheap test for a DDP wrapper or FSDP1 units, before the full check."""
-    return ddp_of(model) is not None or "torch.distributed.fsdp" in sys.modules
-
-
-def check_ddp(model: nn.Module, trainable: dict[str, bool]) -> None:
+def check_ddp(model: nn.Module, decisions: Iterable[tuple[str, bool]]) -> None:
     """Refuse a trainable set that DDP's reducer, built at wrap time, cannot serve.
 
     Measured (torch 2.13, gloo): freezing a parameter DDP tracks works only with
     ``find_unused_parameters=True`` and no ``static_graph`` (else the next iteration
     fails); making trainable a parameter DDP does not track raises nothing but its
     gradients are never all-reduced, so the ranks drift apart silently.
+    ``decisions`` yields (path, trainable); it is only read for a wrapped model.
     """
+    if ddp_of(model) is None and "torch.distributed.fsdp" not in sys.modules:
+        return  # nothing wrapped: the common case costs one attribute walk
+    trainable = dict(decisions)
     fsdp1 = any(
         type(m).__name__ == "FullyShardedDataParallel" for m in (model, *unwrap(model).modules()))
     if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
@@ -193,8 +192,7 @@ class TorchBackend:
         params = self._walks.pop(root, None)
         if params is None or any(e.path not in params for e in plan.params):
             params = dict(root.named_parameters(remove_duplicate=False))
-        if _wrapped_for_distribution(model):
-            check_ddp(model, {e.path: e.after for e in plan.params})
+        check_ddp(model, ((e.path, e.after) for e in plan.params))
         for entry in plan.params:
             p = params[entry.path]
             if p.requires_grad != entry.after:
@@ -219,8 +217,7 @@ class TorchBackend:
 
     def write(self, model: nn.Module, state: State) -> None:
         root = unwrap(model)
-        if _wrapped_for_distribution(model):
-            check_ddp(model, dict(state.params))
+        check_ddp(model, state.params.items())
         for n, p in root.named_parameters():
             p.requires_grad_(state.params[n])
             if not state.params[n]:
