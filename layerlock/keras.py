@@ -16,7 +16,7 @@ import keras
 
 from .backends.keras import KerasBackend, TfKerasBackend, sync_optimizer
 from .errors import SpecError
-from .planning import BnPolicy, apply, plan
+from .planning import BnPolicy, apply
 from .schedule import Schedule, transition
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]
@@ -43,8 +43,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         self.phase = -1
 
     def on_train_begin(self, logs: Any = None) -> None:
-        for phase in self.schedule.phases:  # fail now, not at epoch 7
-            plan(self.model, self.schedule.spec_at(phase.epoch), **self.options)
+        self.schedule.check(self.model, **self.options)
         self.phase = -1
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

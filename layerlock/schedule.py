@@ -23,7 +23,7 @@ from typing import Any
 
 from ._format import count
 from .errors import SpecError
-from .planning import Plan
+from .planning import BnPolicy, Plan, plan
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
 
@@ -88,6 +88,13 @@ class Schedule:
     def spec_at(self, epoch: int) -> Spec:
         """The cumulative spec in force at ``epoch``: every phase so far, in order."""
         return sum((p.spec for p in self.phases[: self.phase_index(epoch) + 1]), Spec())
+
+    def check(self, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
+              frozen_mode: str | None = None) -> None:
+        """Plan every phase on ``model`` (changing nothing), so a pattern that matches
+        nothing fails before training starts, not at epoch 7."""
+        for phase in self.phases:
+            plan(model, self.spec_at(phase.epoch), strict=strict, bn=bn, frozen_mode=frozen_mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": [{"epoch": p.epoch, "spec": p.spec.to_dict(), **({"lr": p.lr} if p.lr else {})}

@@ -20,7 +20,7 @@ import torch
 
 from .backends.torch import TorchBackend, ddp_of, unwrap
 from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
-from .planning import BnPolicy, Plan, apply, plan
+from .planning import BnPolicy, Plan, apply
 from .spec import Spec
 from .schedule import Schedule, transition
 from .spec import matcher
@@ -312,8 +312,7 @@ class FreezeScheduler:
         self.log = log
         self.phase = -1
         self.epoch = -1
-        for phase in schedule.phases:  # fail now, not at epoch 7
-            plan(model, schedule.spec_at(phase.epoch), **self.options)  # type: ignore[arg-type]
+        schedule.check(model, **self.options)
         _warn_recompiles(schedule, model)
 
     def step(self, epoch: int) -> Plan | None:
