@@ -139,15 +139,6 @@ def _candidates() -> Iterable[Backend]:
             yield _loaded[name]
 
 
-def available() -> list[str]:
-    """Names of all known backends (built-in, registered and entry points).
-
-    >>> "torch" in available()
-    True
-    """
-    return [b.name for b in _registered] + list(_BUILTIN) + list(_entry_points())
-
-
 def get_backend(model: Any) -> Backend:
     """The backend that handles ``model``; raises :class:`BackendError` if none does.
 
