@@ -243,9 +243,7 @@ class KerasBackend:
 
     def _refresh(self, model: Any, changed: bool) -> None:
         """Make the next step of fit / train_on_batch use the new flags."""
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and not isinstance(optimizer, str):
-            changed |= sync_optimizer(optimizer, model.trainable_variables, _strategy_scope(model))
+        changed |= _sync_model_optimizer(model)
         if not changed:
             return
         if getattr(model, "train_function", None) is not None:
@@ -428,6 +426,14 @@ class KerasBackend:
                 + ". The flags were put back as they were.")
 
 
+def _sync_model_optimizer(model: Any) -> bool:
+    """Bring a compiled model's optimizer to its trainable variables; True if it changed."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or isinstance(optimizer, str):
+        return False
+    return sync_optimizer(optimizer, model.trainable_variables, _strategy_scope(model))
+
+
 def _strategy_scope(model: Any) -> Any:
     # New optimizer slots must be created under the tf.distribute strategy the model uses.
     strategy = getattr(model, "_distribute_strategy", None)
@@ -467,9 +473,7 @@ class TfKerasBackend(KerasBackend):
         pass
 
     def _refresh(self, model: Any, changed: bool) -> None:
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and not isinstance(optimizer, str):
-            changed |= sync_optimizer(optimizer, model.trainable_variables, _strategy_scope(model))
+        changed |= _sync_model_optimizer(model)
         if not changed or not getattr(model, "_is_compiled", False):
             return
         running = model.train_function is not None
