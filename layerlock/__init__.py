@@ -25,12 +25,12 @@ _API = {
     # specs
     "Spec": "spec", "Rule": "spec", "freeze": "spec", "unfreeze": "spec",
     # using specs
-    "plan": "planning", "apply": "planning", "summary": "planning",
-    "snapshot": "state", "restore": "state", "frozen": "state", "fingerprint": "state",
+    "plan": "operations", "apply": "operations", "summary": "operations",
+    "snapshot": "operations", "restore": "operations", "frozen": "operations", "fingerprint": "operations",
     # schedules
     "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
     # reports and values
-    "Plan": "planning", "ParamPlan": "planning", "LayerPlan": "planning", "Summary": "tree", "State": "state",
+    "Plan": "results", "ParamPlan": "results", "LayerPlan": "results", "Summary": "results", "State": "results",
 }
 _ERRORS = ["LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
            "LayerlockWarning"]
@@ -42,11 +42,10 @@ TYPE_CHECKING = False  # not `from typing import ...`: importing typing alone co
 if TYPE_CHECKING:
     from typing import Any
 
-    from .planning import LayerPlan, ParamPlan, Plan, apply, plan, summary
+    from .operations import apply, fingerprint, frozen, plan, restore, snapshot, summary
+    from .results import LayerPlan, ParamPlan, Plan, State, Summary
     from .schedule import Phase, Schedule, gradual
     from .spec import Rule, Spec, freeze, unfreeze
-    from .state import State, fingerprint, frozen, restore, snapshot
-    from .tree import Summary
 
 
 def __getattr__(name: str) -> Any:

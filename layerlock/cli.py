@@ -214,7 +214,7 @@ def _load_torch(path: Path, trust: bool) -> Any:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planning import plan
+    from .operations import plan
 
     spec = load_spec(args.spec)  # a bad spec fails before a framework is loaded
     model = load_model(args.model, trust=args.trust)
@@ -224,7 +224,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .planning import summary
+    from .operations import summary
 
     result = summary(load_model(args.model, trust=args.trust))
     if args.json:

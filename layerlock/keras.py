@@ -16,7 +16,8 @@ import keras
 
 from .backends.keras import KerasBackend, TfKerasBackend, sync_optimizer
 from .errors import SpecError
-from .planning import BnPolicy, apply
+from .operations import apply
+from .resolver import BnPolicy
 from .schedule import Schedule, transition
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import SpecError
-from .planning import BnPolicy
+from .resolver import BnPolicy
 from .schedule import Schedule
 from .torch import FreezeScheduler as _LoopScheduler
 

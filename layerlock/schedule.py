@@ -23,7 +23,9 @@ from typing import Any
 
 from ._format import count
 from .errors import SpecError
-from .planning import BnPolicy, Plan, plan
+from .operations import plan
+from .resolver import BnPolicy
+from .results import Plan
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
 
@@ -171,8 +173,8 @@ def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str
 
 def transition(epoch: int, index: int, schedule: Schedule, plan: Plan, extra: str = "") -> str:
     """The one-line log of a phase change."""
-    gained = sum(p.numel for p in plan.params if p.after and not p.before)
-    lost = sum(p.numel for p in plan.params if p.before and not p.after)
+    gained = sum(p.numel for p in plan.params if p.trainable_after and not p.trainable_before)
+    lost = sum(p.numel for p in plan.params if p.trainable_before and not p.trainable_after)
     total = plan.trainable_scalars + plan.frozen_scalars
     share = 100 * plan.trainable_scalars / total if total else 0.0
     return (f"layerlock: epoch {epoch}: phase {index + 1}/{len(schedule.phases)} "

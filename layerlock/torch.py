@@ -20,7 +20,9 @@ import torch
 
 from .backends.torch import TorchBackend, ddp_of, unwrap
 from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
-from .planning import BnPolicy, Plan, apply
+from .operations import apply
+from .resolver import BnPolicy
+from .results import Plan
 from .spec import Spec
 from .schedule import Schedule, transition
 from .spec import matcher

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from layerlock.state import State
+from layerlock.results import State
 from layerlock.tree import Node, Param
 
 
@@ -50,9 +50,9 @@ class FakeBackend:
 
     def apply(self, model, plan):
         for p in plan.params:
-            model.trainable[p.path] = p.after
+            model.trainable[p.path] = p.trainable_after
         for layer in plan.layers:
-            model.held[layer.path] = layer.after
+            model.held[layer.path] = layer.held_after
 
     def read(self, model):
         return State(self.name, dict(model.trainable), {k: {"held": v} for k, v in model.held.items()})

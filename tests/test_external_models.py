@@ -47,7 +47,7 @@ def test_gpt2_tied_head_is_decided_once_and_contradictions_are_reported(transfor
     model = transformers.GPT2LMHeadModel(config)
     plan = ll.plan(model, ll.unfreeze().freeze("transformer.wte"))
     entry = next(e for e in plan.params if e.path == "transformer.wte.weight")
-    assert entry.aliases == ("lm_head.weight",) and not entry.after
+    assert entry.aliases == ("lm_head.weight",) and not entry.trainable_after
     with pytest.raises(ll.SpecError, match="transformer.wte.weight = lm_head.weight"):
         ll.plan(model, ll.freeze("transformer").unfreeze("lm_head"))
 

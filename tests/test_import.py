@@ -11,7 +11,7 @@ def test_import_and_core_work_import_no_framework():
     code = textwrap.dedent(f"""
         import sys
         import layerlock as ll
-        from layerlock.planning import resolve
+        from layerlock.resolver import resolve
         from layerlock.tree import Node, Param
         spec = ll.freeze("backbone").unfreeze("*.bias")
         assert ll.Spec.from_json(spec.to_json()) == spec

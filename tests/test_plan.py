@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import layerlock as ll
-from layerlock.planning import resolve
+from layerlock.resolver import resolve
 from layerlock.tree import Node, Param
 
 from .fake import FakeModel, resnetish
@@ -39,7 +39,7 @@ def test_unselected_parameters_keep_their_state():
     model.trainable["head.bias"] = False
     plan = resolve(model.node(), ll.freeze("stem"))
     entry = next(p for p in plan.params if p.path == "head.bias")
-    assert entry.after is False and entry.rule is None
+    assert entry.trainable_after is False and entry.rule is None
 
 
 @pytest.mark.parametrize("depth, blocks", [(1, ["stem"]), (2, ["stem", "backbone"]), (-1, ["stem", "backbone"]),
@@ -125,12 +125,12 @@ def test_bn_frozen_freezes_every_norm_layer():
     assert frozen_layers(plan) == ["backbone.layer1.bn", "backbone.layer2.bn", "backbone.layer3.bn",
                                    "backbone.layer4.bn", "stem.bn"]
     assert len(plan.held) == 5
-    assert {p.rule for p in plan.params if not p.after} == {"bn"}
+    assert {p.rule for p in plan.params if not p.trainable_after} == {"bn"}
 
 
 def test_frozen_mode_eval_holds_the_topmost_fully_frozen_subtrees():
     plan = resolve(tree(), ll.freeze("stem", "backbone").unfreeze("backbone.layer4.bn"), frozen_mode="eval")
-    held = {lp.path: lp.reason for lp in plan.layers if lp.after}
+    held = {lp.path: lp.reason for lp in plan.layers if lp.held_after}
     assert held["stem"] == "frozen_mode" and "backbone" not in held
     assert held["backbone.layer4.conv"] == "frozen_mode"
     assert "backbone.layer1" in held and "backbone.layer1.bn" in held
@@ -212,7 +212,7 @@ def test_apply_is_idempotent(fake_backend):
     spec = ll.freeze("backbone").unfreeze("*.bias")
     ll.apply(model, spec)
     again = ll.apply(model, spec)
-    assert again.changed == () and all(lp.before == lp.after for lp in again.layers)
+    assert again.changed == () and all(lp.held_before == lp.held_after for lp in again.layers)
 
 
 def test_frozen_context_restores_exactly_even_on_error(fake_backend):
@@ -281,7 +281,7 @@ def test_resolution_is_deterministic_and_the_last_selecting_rule_decides(spec, b
     assert first == second
     for entry in first.params:
         if isinstance(entry.rule, int):
-            assert entry.after == (spec.rules[entry.rule].action == "unfreeze")
+            assert entry.trainable_after == (spec.rules[entry.rule].action == "unfreeze")
             for later in spec.rules[entry.rule + 1:]:
                 single = resolve(tree(), ll.Spec((later,)), strict=False)
                 assert not any(p.path == entry.path and p.rule == 0 for p in single.params)

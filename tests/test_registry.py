@@ -15,7 +15,7 @@ def run(code, *paths):
 
 def test_a_third_party_backend_loads_from_the_entry_point_group(tmp_path):
     (tmp_path / "toy_backend.py").write_text(textwrap.dedent("""
-        from layerlock.state import State
+        from layerlock.results import State
         from layerlock.tree import Node, Param
 
         class ToyModel:
@@ -25,7 +25,7 @@ def test_a_third_party_backend_loads_from_the_entry_point_group(tmp_path):
             name, module, param_level = "toy", "toy_backend", True
             def owns(self, model): return isinstance(model, ToyModel)
             def tree(self, model): return Node("", "Toy", params=[Param("w", 3, model.flags["w"], 0)])
-            def apply(self, model, plan): model.flags.update({p.path: p.after for p in plan.params})
+            def apply(self, model, plan): model.flags.update({p.path: p.trainable_after for p in plan.params})
             def read(self, model): return State("toy", dict(model.flags))
             def write(self, model, state): model.flags.update(state.params)
             def weights(self, model): yield "w", model.flags["w"], b"abc"

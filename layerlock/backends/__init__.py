@@ -24,8 +24,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendError
-from ..planning import Plan
-from ..state import State
+from ..results import Plan, State
 from ..tree import Node
 
 ENTRY_POINT_GROUP = "layerlock.backends"

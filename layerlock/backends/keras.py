@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, SpecError
-from ..planning import Plan
-from ..state import State
+from ..results import Plan, State
 from ..tree import Node, Param
 
 HOLD = "_layerlock_held"
@@ -267,8 +266,8 @@ class KerasBackend:
         if missing:
             raise BackendError(f"the plan names parameters this model lacks ({', '.join(missing[:5])}); "
                                "make the plan with ll.plan() on this very model")
-        after = {id(index.variables[p.path]): p.after for p in plan.params}
-        held = {id(index.layers[lp.path]): lp.after for lp in plan.layers if lp.path in index.layers}
+        after = {id(index.variables[p.path]): p.trainable_after for p in plan.params}
+        held = {id(index.layers[lp.path]): lp.held_after for lp in plan.layers if lp.path in index.layers}
         self._commit(model, index, after, held, {})
 
     def read(self, model: Any) -> State:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import DistributedFreezeError
-from ..planning import Plan
-from ..state import State
+from ..results import Plan, State
 from ..tree import Node, Param
 
 HOLD = "_layerlock_eval"
@@ -192,16 +191,16 @@ class TorchBackend:
         params = self._walks.pop(root, None)
         if params is None or any(e.path not in params for e in plan.params):
             params = dict(root.named_parameters(remove_duplicate=False))
-        check_ddp(model, ((e.path, e.after) for e in plan.params))
+        check_ddp(model, ((e.path, e.trainable_after) for e in plan.params))
         for entry in plan.params:
             p = params[entry.path]
-            if p.requires_grad != entry.after:
-                p.requires_grad_(entry.after)
-            if not entry.after and p.grad is not None:
+            if p.requires_grad != entry.trainable_after:
+                p.requires_grad_(entry.trainable_after)
+            if not entry.trainable_after and p.grad is not None:
                 p.grad = None  # no stale gradient, momentum step or weight decay can move it
         for layer in sorted(plan.layers, key=lambda lp: lp.path.count(".")):  # parents first
             module = root.get_submodule(layer.path)
-            if layer.after:
+            if layer.held_after:
                 module.__dict__[HOLD] = True
                 module.eval()
             elif module.__dict__.pop(HOLD, False):

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..planning import apply
+from ..operations import apply
 from ..schedule import Schedule
 from . import FINE_TUNE, FROZEN_BASE, Config
 from .data import SIZE, Split

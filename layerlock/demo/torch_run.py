@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..planning import apply
+from ..operations import apply
 from . import FINE_TUNE, FROZEN_BASE, Config
 from .data import Split
 from .report import Phase, Recorder, paired

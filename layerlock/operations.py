@@ -1,4 +1,6 @@
-"""Snapshot, restore, temporary freezing and fingerprints of a model's trainable state.
+"""The public operations on a model: plan, apply and summary; snapshot, restore, the
+temporary :func:`frozen` block and fingerprints. Each finds the model's backend, lets the
+pure resolver decide, and hands the decision to the backend.
 
 >>> import torch, layerlock as ll
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -12,51 +14,79 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import gc
+import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
+from .backends import Backend, get_backend
 from .errors import LayerlockError, SpecError
-from .planning import BnPolicy, Plan, apply
+from .resolver import BnPolicy, check_options, resolve
+from .results import Plan, State, Summary
 from .spec import Spec, freeze
 
 WHICH = ("frozen", "trainable", "all")
 
 
-@dataclass(frozen=True)
-class State:
-    """The trainable state of a model: each parameter's flag (by path) and each layer's
-    backend-specific flags (for example ``held`` and ``training`` in PyTorch).
+def plan(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+         frozen_mode: str | None = None) -> Plan:
+    """Dry run: what :func:`apply` would do to ``model``; changes nothing.
 
-    >>> s = State("torch", {"fc.weight": False}, {"fc": {"held": False}})
-    >>> State.from_dict(s.to_dict()) == s
-    True
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.plan(net, ll.freeze(depth=1)).frozen
+    ('0.weight', '0.bias')
     """
+    return _resolve_model(model, spec, strict, bn, frozen_mode)[1]
 
-    backend: str
-    params: Mapping[str, bool]
-    layers: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
 
-    __hash__ = None  # type: ignore[assignment]
+def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+          frozen_mode: str | None = None) -> Plan:
+    """Apply ``spec`` to ``model`` and return the :class:`Plan` as the report.
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "params": dict(self.params),
-                "layers": {k: dict(v) for k, v in self.layers.items()}}
+    The whole plan is validated before the model is touched; applying never changes a
+    weight's value and is idempotent.
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> State:
-        if not isinstance(data, Mapping) or set(data) - {"backend", "params", "layers"}:
-            raise SpecError(f"a State dict has keys 'backend', 'params', 'layers'; received {data!r}")
-        params, layers = data.get("params", {}), data.get("layers", {})
-        if not isinstance(data.get("backend"), str):
-            raise SpecError(f"State 'backend' must be a string; received {data.get('backend')!r}")
-        if not isinstance(params, Mapping) or not all(isinstance(v, bool) for v in params.values()):
-            raise SpecError("State 'params' must map parameter paths to booleans")
-        if not isinstance(layers, Mapping) or not all(
-                isinstance(v, Mapping) and all(isinstance(b, bool) for b in v.values()) for v in layers.values()):
-            raise SpecError("State 'layers' must map layer paths to {flag: bool} mappings")
-        return cls(data["backend"], dict(params), {k: dict(v) for k, v in layers.items()})
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.apply(net, ll.freeze("0")).changed
+    ('0.weight', '0.bias')
+    >>> net[0].weight.requires_grad
+    False
+    """
+    backend, result = _resolve_model(model, spec, strict, bn, frozen_mode)
+    backend.apply(model, result)
+    return result
+
+
+def _resolve_model(model: Any, spec: Spec, strict: bool, bn: BnPolicy,
+                   frozen_mode: str | None) -> tuple[Backend, Plan]:
+    """The model's backend and the plan of ``spec`` on it (options validated before any walk)."""
+    check_options(spec, bn, frozen_mode)
+    backend = get_backend(model)
+    # A plan allocates a few objects per tensor; the cyclic collections they would trigger
+    # walk the whole model again and again. Only the walk and the resolution run paused.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        root = backend.tree(model)
+        return backend, resolve(root, spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                                param_level=backend.param_level, backend=backend.name)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def summary(model: Any) -> Summary:
+    """Trainable and frozen counts per top-level block; ``print()`` it for a table.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> ll.summary(net).trainable_scalars
+    9
+    """
+    return Summary.of(get_backend(model).tree(model))
 
 
 def snapshot(model: Any) -> State:
@@ -66,8 +96,6 @@ def snapshot(model: Any) -> State:
     >>> ll.snapshot(torch.nn.Linear(2, 1)).params
     {'weight': True, 'bias': True}
     """
-    from .backends import get_backend
-
     return get_backend(model).read(model)
 
 
@@ -79,8 +107,6 @@ def restore(model: Any, state: State) -> None:
     >>> _ = ll.apply(net, ll.freeze()); ll.restore(net, s); net.weight.requires_grad
     True
     """
-    from .backends import get_backend
-
     if not isinstance(state, State):
         raise SpecError(f"restore() takes a State from ll.snapshot(); received {type(state).__name__}")
     backend = get_backend(model)
@@ -129,10 +155,6 @@ def fingerprint(model: Any, which: str = "frozen") -> str:
     >>> ll.fingerprint(net, "all") == ll.fingerprint(net, "all")
     True
     """
-    import hashlib
-
-    from .backends import get_backend
-
     if which not in WHICH:
         raise SpecError(f"which must be one of {WHICH}; received {which!r}")
     digest = hashlib.sha256()

@@ -12,154 +12,18 @@
 from __future__ import annotations
 
 import functools
-import gc
 import warnings
-from collections.abc import Hashable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from collections.abc import Hashable, Iterable
+from typing import Literal
 
-from ._format import count, table
 from .errors import LayerlockWarning, NoMatchError, SpecError
+from .results import LayerPlan, ParamPlan, Plan, state_name
 from .spec import Rule, Spec, matcher
-from .tree import Node, Param, Summary
+from .tree import Node, Param
 
 BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
 FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
 BnPolicy = Literal["follow", "trainable", "frozen"]
-
-
-class ParamPlan(NamedTuple):
-    """The decision for one parameter: trainable ``before`` and ``after`` (True = trainable),
-    the deciding ``rule`` (index into the spec's rules, ``"bn"`` for the bn policy, or None
-    when no rule selects it) and the other paths of a tied parameter (``aliases``)."""
-
-    path: str
-    numel: int
-    before: bool
-    after: bool
-    rule: int | str | None
-    aliases: tuple[str, ...] = ()
-
-
-class LayerPlan(NamedTuple):
-    """A layer whose inference-mode hold is decided: ``before``/``after`` (True = held in
-    inference mode) and why (``"bn"`` policy or ``"frozen_mode"``)."""
-
-    path: str
-    kind: str
-    before: bool
-    after: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What applying a spec does to a model. ``str(plan)`` is a readable table.
-
-    >>> from layerlock.tree import Node, Param
-    >>> import layerlock as ll
-    >>> p = resolve(Node("", "Net", params=[Param("w", 4, True, 0)]), ll.freeze())
-    >>> p.frozen, p.changed, p.frozen_scalars
-    (('w',), ('w',), 4)
-    """
-
-    spec: Spec
-    params: tuple[ParamPlan, ...]
-    layers: tuple[LayerPlan, ...] = ()
-    bn: str = "follow"
-    frozen_mode: str | None = None
-    backend: str = ""
-
-    @property
-    def frozen(self) -> tuple[str, ...]:
-        """Paths of the parameters frozen after applying."""
-        return tuple(p.path for p in self.params if not p.after)
-
-    @property
-    def trainable(self) -> tuple[str, ...]:
-        """Paths of the parameters trainable after applying."""
-        return tuple(p.path for p in self.params if p.after)
-
-    @property
-    def changed(self) -> tuple[str, ...]:
-        """Paths of the parameters whose trainable flag the plan changes."""
-        return tuple(p.path for p in self.params if p.before != p.after)
-
-    @property
-    def frozen_scalars(self) -> int:
-        return sum(p.numel for p in self.params if not p.after)
-
-    @property
-    def trainable_scalars(self) -> int:
-        return sum(p.numel for p in self.params if p.after)
-
-    @property
-    def held(self) -> tuple[str, ...]:
-        """Paths of the layers held in inference mode after applying."""
-        return tuple(layer.path for layer in self.layers if layer.after)
-
-    def describe(self, rule: int | str | None) -> str:
-        """Human-readable name of a deciding rule."""
-        if rule is None:
-            return "(no rule: unchanged)"
-        if isinstance(rule, int):
-            return f"#{rule} {self.spec.rules[rule]!r}"
-        return f"bn={self.bn!r}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, for scripts and the command line."""
-        return {
-            "backend": self.backend,
-            "spec": self.spec.to_dict(),
-            "bn": self.bn,
-            "frozen_mode": self.frozen_mode,
-            "params": [
-                {"path": p.path, "numel": p.numel, "trainable_before": p.before,
-                 "trainable_after": p.after, "rule": p.rule, "aliases": list(p.aliases)}
-                for p in self.params
-            ],
-            "layers": [
-                {"path": lp.path, "kind": lp.kind, "inference_before": lp.before,
-                 "inference_after": lp.after, "reason": lp.reason}
-                for lp in self.layers
-            ],
-            "frozen_scalars": self.frozen_scalars,
-            "trainable_scalars": self.trainable_scalars,
-        }
-
-    def __str__(self) -> str:
-        rows: list[list[Any]] = []
-        for p in self.params:
-            parent, _, name = p.path.rpartition(".")
-            if p.aliases:  # a tied parameter shows all its paths
-                name += f" (= {', '.join(p.aliases)})"
-            key = (parent, p.before, p.after, p.rule, p.aliases)
-            if rows and rows[-1][-1] == key:
-                rows[-1][0].append(name)
-                rows[-1][1] += p.numel
-                continue
-            rows.append([[name], p.numel, p.before, p.after, p.rule, key])
-        body = []
-        for names, numel, before, after, rule, (parent, *_) in rows:
-            leaf = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
-            change = f"{_state(before)} -> {_state(after)}" if before != after else _state(after)
-            body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, self.describe(rule)))
-        text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
-                table(("parameter", "scalars", "trainable", "decided by"), body, right=(1,))]
-        moved = [lp for lp in self.layers if lp.before != lp.after]
-        if moved:
-            text.append("inference mode: " + ", ".join(
-                f"{lp.path} {'held' if lp.after else 'released'} ({lp.reason})" for lp in moved))
-        n_changed = len(self.changed)
-        text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen)} tensors; "
-                    f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}; "
-                    f"{n_changed} tensor{'s' if n_changed != 1 else ''} change")
-        return "\n".join(text)
-
-
-def _state(trainable: bool) -> str:
-    return "trainable" if trainable else "frozen"
 
 
 def check_options(spec: object, bn: object, frozen_mode: object) -> None:
@@ -350,7 +214,7 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
                 raise SpecError(
                     f"this backend ({backend or 'unknown'}) freezes whole layers only, but the plan "
                     f"splits layer {node.path!r}: " + ", ".join(
-                        f"{q.path.rpartition('.')[2]} {_state(a)}" for q, a in zip(node.params, states))
+                        f"{q.path.rpartition('.')[2]} {state_name(a)}" for q, a in zip(node.params, states))
                     + ". Select the layer, not single parameters.")
 
     layers = _layer_plans(res, bn, frozen_mode, after, spec)
@@ -404,7 +268,7 @@ def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: list[b
                 held = node.held
         if frozen_mode == "eval" and i > 0 and not held:
             a, b = first_occ[i], first_occ[res.end[i]]
-            parent_held = any(k in out and out[k].after for k in _ancestors(res, i))
+            parent_held = any(k in out and out[k].held_after for k in _ancestors(res, i))
             if b > a and trainable_upto[b] == trainable_upto[a] and not parent_held:
                 held, reason = True, "frozen_mode"
         if held is None and node.held:
@@ -422,72 +286,3 @@ def _ancestors(res: _Resolver, i: int) -> Iterable[Hashable]:
         if j is not None:
             node = res.nodes[j]
             yield node.key if node.key is not None else id(node)
-
-
-def plan(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
-         frozen_mode: str | None = None) -> Plan:
-    """Dry run: what :func:`apply` would do to ``model``; changes nothing.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> ll.plan(net, ll.freeze(depth=1)).frozen
-    ('0.weight', '0.bias')
-    """
-    with _no_gc():
-        return _resolve_model(model, spec, strict, bn, frozen_mode)[1]
-
-
-def apply(model: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
-          frozen_mode: str | None = None) -> Plan:
-    """Apply ``spec`` to ``model`` and return the :class:`Plan` as the report.
-
-    The whole plan is validated before the model is touched; applying never changes a
-    weight's value and is idempotent.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> ll.apply(net, ll.freeze("0")).changed
-    ('0.weight', '0.bias')
-    >>> net[0].weight.requires_grad
-    False
-    """
-    with _no_gc():
-        backend, result = _resolve_model(model, spec, strict, bn, frozen_mode)
-        backend.apply(model, result)
-    return result
-
-
-def _resolve_model(model: Any, spec: Spec, strict: bool, bn: BnPolicy, frozen_mode: str | None) -> tuple[Any, Plan]:
-    """The model's backend and the plan of ``spec`` on it (validated before any walk)."""
-    from .backends import get_backend
-
-    check_options(spec, bn, frozen_mode)
-    backend = get_backend(model)
-    return backend, resolve(backend.tree(model), spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                            param_level=backend.param_level, backend=backend.name)
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a plan allocates a few objects per tensor, and on
-    large models the collections it triggers would walk the whole model again and again."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def summary(model: Any) -> Summary:
-    """Trainable and frozen counts per top-level block; ``print()`` it for a table.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> ll.summary(net).trainable_scalars
-    9
-    """
-    from .backends import get_backend
-
-    return Summary.of(get_backend(model).tree(model))

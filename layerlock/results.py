@@ -1,0 +1,252 @@
+"""The plain values layerlock returns: :class:`Plan` (with its per-parameter and per-layer
+entries), :class:`State` and :class:`Summary`. No framework, no model: just data and tables.
+
+>>> from layerlock.results import ParamPlan
+>>> ParamPlan("fc.weight", 6, trainable_before=True, trainable_after=False, rule=0).path
+'fc.weight'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ._format import count, table
+from .errors import SpecError
+from .spec import Spec
+from .tree import Node, Param
+
+
+class ParamPlan(NamedTuple):
+    """The decision for one parameter: whether it is trainable before and after applying,
+    the deciding ``rule`` (index into the spec's rules, ``"bn"`` for the bn policy, or None
+    when no rule selects it) and the other paths of a tied parameter (``aliases``)."""
+
+    path: str
+    numel: int
+    trainable_before: bool
+    trainable_after: bool
+    rule: int | str | None
+    aliases: tuple[str, ...] = ()
+
+
+class LayerPlan(NamedTuple):
+    """A layer whose inference-mode hold is decided: whether layerlock holds it in inference
+    mode before and after applying, and why (``"bn"`` policy or ``"frozen_mode"``)."""
+
+    path: str
+    kind: str
+    held_before: bool
+    held_after: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What applying a spec does to a model. ``str(plan)`` is a readable table.
+
+    >>> import layerlock as ll
+    >>> p = Plan(ll.freeze(), (ParamPlan("w", 4, True, False, 0), ParamPlan("b", 2, True, True, None)))
+    >>> p.frozen, p.changed, p.trainable_scalars
+    (('w',), ('w',), 2)
+    """
+
+    spec: Spec
+    params: tuple[ParamPlan, ...]
+    layers: tuple[LayerPlan, ...] = ()
+    bn: str = "follow"
+    frozen_mode: str | None = None
+    backend: str = ""
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Paths of the parameters frozen after applying."""
+        return tuple(p.path for p in self.params if not p.trainable_after)
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Paths of the parameters trainable after applying."""
+        return tuple(p.path for p in self.params if p.trainable_after)
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """Paths of the parameters whose trainable flag the plan changes."""
+        return tuple(p.path for p in self.params if p.trainable_before != p.trainable_after)
+
+    @property
+    def frozen_scalars(self) -> int:
+        return sum(p.numel for p in self.params if not p.trainable_after)
+
+    @property
+    def trainable_scalars(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable_after)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Paths of the layers held in inference mode after applying."""
+        return tuple(layer.path for layer in self.layers if layer.held_after)
+
+    def describe(self, rule: int | str | None) -> str:
+        """Human-readable name of a deciding rule."""
+        if rule is None:
+            return "(no rule: unchanged)"
+        if isinstance(rule, int):
+            return f"#{rule} {self.spec.rules[rule]!r}"
+        return f"bn={self.bn!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for scripts and the command line."""
+        return {
+            "backend": self.backend,
+            "spec": self.spec.to_dict(),
+            "bn": self.bn,
+            "frozen_mode": self.frozen_mode,
+            "params": [
+                {"path": p.path, "numel": p.numel, "trainable_before": p.trainable_before,
+                 "trainable_after": p.trainable_after, "rule": p.rule, "aliases": list(p.aliases)}
+                for p in self.params
+            ],
+            "layers": [
+                {"path": lp.path, "kind": lp.kind, "held_before": lp.held_before,
+                 "held_after": lp.held_after, "reason": lp.reason}
+                for lp in self.layers
+            ],
+            "frozen_scalars": self.frozen_scalars,
+            "trainable_scalars": self.trainable_scalars,
+        }
+
+    def __str__(self) -> str:
+        rows: list[list[Any]] = []
+        for p in self.params:
+            parent, _, name = p.path.rpartition(".")
+            if p.aliases:  # a tied parameter shows all its paths
+                name += f" (= {', '.join(p.aliases)})"
+            key = (parent, p.trainable_before, p.trainable_after, p.rule, p.aliases)
+            if rows and rows[-1][-1] == key:
+                rows[-1][0].append(name)
+                rows[-1][1] += p.numel
+                continue
+            rows.append([[name], p.numel, p.trainable_before, p.trainable_after, p.rule, key])
+        body = []
+        for names, numel, before, after, rule, (parent, *_) in rows:
+            leaf = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+            change = f"{state_name(before)} -> {state_name(after)}" if before != after else state_name(after)
+            body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, self.describe(rule)))
+        text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
+                table(("parameter", "scalars", "trainable", "decided by"), body, right=(1,))]
+        moved = [lp for lp in self.layers if lp.held_before != lp.held_after]
+        if moved:
+            text.append("inference mode: " + ", ".join(
+                f"{lp.path} {'held' if lp.held_after else 'released'} ({lp.reason})" for lp in moved))
+        n_changed = len(self.changed)
+        text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen)} tensors; "
+                    f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}; "
+                    f"{n_changed} tensor{'s' if n_changed != 1 else ''} change")
+        return "\n".join(text)
+
+
+def state_name(trainable: bool) -> str:
+    """'trainable' or 'frozen', as the plan table writes it."""
+    return "trainable" if trainable else "frozen"
+
+
+@dataclass(frozen=True)
+class State:
+    """The trainable state of a model: each parameter's flag (by path) and each layer's
+    backend-specific flags (for example ``held`` and ``training`` in PyTorch).
+
+    >>> s = State("torch", {"fc.weight": False}, {"fc": {"held": False}})
+    >>> State.from_dict(s.to_dict()) == s
+    True
+    """
+
+    backend: str
+    params: Mapping[str, bool]
+    layers: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "params": dict(self.params),
+                "layers": {k: dict(v) for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> State:
+        if not isinstance(data, Mapping) or set(data) - {"backend", "params", "layers"}:
+            raise SpecError(f"a State dict has keys 'backend', 'params', 'layers'; received {data!r}")
+        params, layers = data.get("params", {}), data.get("layers", {})
+        if not isinstance(data.get("backend"), str):
+            raise SpecError(f"State 'backend' must be a string; received {data.get('backend')!r}")
+        if not isinstance(params, Mapping) or not all(isinstance(v, bool) for v in params.values()):
+            raise SpecError("State 'params' must map parameter paths to booleans")
+        if not isinstance(layers, Mapping) or not all(
+                isinstance(v, Mapping) and all(isinstance(b, bool) for b in v.values()) for v in layers.values()):
+            raise SpecError("State 'layers' must map layer paths to {flag: bool} mappings")
+        return cls(data["backend"], dict(params), {k: dict(v) for k, v in layers.items()})
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """Trainable and frozen counts for one top-level block."""
+
+    block: str
+    kind: str
+    trainable_tensors: int
+    trainable_scalars: int
+    frozen_tensors: int
+    frozen_scalars: int
+    inference: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per top-level block: trainable / frozen tensors and scalars. ``str()`` is a table.
+
+    >>> from layerlock.tree import Node, Param
+    >>> s = Summary.of(Node("", "Net", children=[Node("fc", "Linear", params=[Param("fc.w", 6, False, 0)])]))
+    >>> s.frozen_scalars, s.trainable_scalars
+    (6, 0)
+    """
+
+    rows: tuple[BlockRow, ...]
+
+    @classmethod
+    def of(cls, root: Node) -> Summary:
+        seen: set[Hashable] = set()
+        rows = []
+        blocks: list[tuple[str, str, list[Param], bool]] = []
+        if root.params:
+            blocks.append(("(root)", root.kind, list(root.params), root.held))
+        for child in root.children:
+            held = any(n.held for n in child.walk())
+            blocks.append((child.path, child.kind, list(child.parameters()), held))
+        for name, kind, params, held in blocks:
+            fresh = [p for p in params if p.key not in seen]
+            seen.update(p.key for p in fresh)
+            tr = [p for p in fresh if p.trainable]
+            fr = [p for p in fresh if not p.trainable]
+            rows.append(BlockRow(name, kind, len(tr), sum(p.numel for p in tr), len(fr),
+                                 sum(p.numel for p in fr), held))
+        return cls(tuple(rows))
+
+    @property
+    def trainable_scalars(self) -> int:
+        return sum(r.trainable_scalars for r in self.rows)
+
+    @property
+    def frozen_scalars(self) -> int:
+        return sum(r.frozen_scalars for r in self.rows)
+
+    def __str__(self) -> str:
+        body = [
+            (r.block, r.kind, count(r.trainable_scalars), r.trainable_tensors,
+             count(r.frozen_scalars), r.frozen_tensors, "inference" if r.inference else "")
+            for r in self.rows
+        ]
+        total = self.trainable_scalars + self.frozen_scalars
+        share = f"{100 * self.trainable_scalars / total:.1f}%" if total else "n/a"
+        body.append(("total", "", count(self.trainable_scalars), sum(r.trainable_tensors for r in self.rows),
+                      count(self.frozen_scalars), sum(r.frozen_tensors for r in self.rows), ""))
+        head = ("block", "kind", "trainable", "tensors", "frozen", "tensors", "mode")
+        return table(head, body, right=(2, 3, 4, 5)) + f"\ntrainable: {share} of {count(total)} scalars"
