@@ -25,8 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, demo
 from .errors import LayerlockError, SpecError
+from .operations import plan, summary
 from .spec import ACTIONS, Spec
 
 EXIT_ERROR = 2
@@ -214,8 +215,6 @@ def _load_torch(path: Path, trust: bool) -> Any:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .operations import plan
-
     spec = load_spec(args.spec)  # a bad spec fails before a framework is loaded
     model = load_model(args.model, trust=args.trust)
     result = plan(model, spec, strict=args.strict, bn=args.bn, frozen_mode=args.frozen_mode)
@@ -224,8 +223,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .operations import summary
-
     result = summary(load_model(args.model, trust=args.trust))
     if args.json:
         print(json.dumps({"blocks": [asdict(r) for r in result.rows],
@@ -237,8 +234,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     frameworks = {"both": list(demo.FRAMEWORKS), None: demo.installed()}.get(args.backend, [args.backend])
     if not frameworks:

@@ -1,6 +1,7 @@
 """Keras helpers: ``import layerlock.keras`` (this imports keras).
 
-:class:`FreezeScheduler` is a Keras callback that applies a :class:`~layerlock.Schedule`
+:func:`sync_optimizer` brings an optimizer of a custom training loop in step after an
+``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback that applies a :class:`~layerlock.Schedule`
 at the start of each epoch of ``fit``; the very next step trains the new set, and the
 optimizer keeps its state for variables that stay trainable.
 
@@ -14,13 +15,35 @@ from typing import Any
 
 import keras
 
-from .backends.keras import KerasBackend, TfKerasBackend, sync_optimizer
-from .errors import SpecError
-from .operations import apply
+from .backends import get_backend
+from .backends.keras import KerasBackend, TfKerasBackend, _short_name, _strategy_scope, _sync_variables
 from .resolver import BnPolicy
-from .schedule import Schedule, transition
+from .results import Plan
+from .schedule import Phase, PhaseStepper, Schedule
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]
+
+
+def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
+    """Make a built optimizer track exactly ``model.trainable_variables``, keeping the state
+    (Adam moments, ``iterations``) of every variable it already tracks; return the paths
+    of the variables it added. For ``fit`` you never need it: ``ll.apply`` syncs the
+    compiled model's own optimizer. In a custom loop, call it after each ``apply``, or
+    ``optimizer.apply_gradients`` fails on the newly trainable variables ("Unknown variable").
+
+    >>> import keras, layerlock as ll
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")])
+    >>> _ = ll.apply(model, ll.freeze("fc.bias"))
+    >>> opt = keras.optimizers.SGD(); opt.build(model.trainable_variables)
+    >>> _ = ll.apply(model, ll.unfreeze())
+    >>> sync_optimizer(opt, model), sync_optimizer(opt, model)
+    (['fc.bias'], [])
+    """
+    added = _sync_variables(optimizer, model.trainable_variables, _strategy_scope(model)) or []
+    if not added:
+        return []
+    paths = {p.key: p.path for p in get_backend(model).tree(model).unique_parameters()}
+    return [paths.get(id(v), _short_name(v)) for v in added]
 
 
 class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
@@ -36,25 +59,24 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, verbose: int = 1) -> None:
         super().__init__()
-        if not isinstance(schedule, Schedule):
-            raise SpecError(f"FreezeScheduler needs a layerlock.Schedule; received {type(schedule).__name__}")
+        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
         self.schedule = schedule
-        self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
         self.verbose = verbose
-        self.phase = -1
 
     def on_train_begin(self, logs: Any = None) -> None:
-        self.schedule.check(self.model, **self.options)
-        self.phase = -1
+        self.stepper.check(self.model)
+        self.stepper.phase = -1  # fit(initial_epoch=e) re-applies the cumulative spec for e
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        index = self.schedule.phase_index(epoch)
-        if index == self.phase or index < 0:
-            return
-        result = apply(self.model, self.schedule.spec_at(epoch), **self.options)
-        lr = next((p.lr for p in reversed(self.schedule.phases[: index + 1]) if p.lr is not None), None)
-        if lr is not None:
-            self.model.optimizer.learning_rate = lr
-        self.phase = index
-        if self.verbose:
-            print(transition(epoch, index, self.schedule, result, f"lr {lr:g}" if lr is not None else ""))
+        change = self.stepper.step(self.model, epoch, self._sync)
+        if change is not None and self.verbose:
+            print(change.message)
+
+    def _sync(self, phase: Phase, plan: Plan) -> str:
+        # apply() already brought the optimizer's slots in step; a Keras optimizer has one
+        # learning rate, so a phase's lr becomes the rate from here on.
+        lr = self.schedule.lr_at(phase.epoch)
+        if lr is None:
+            return ""
+        self.model.optimizer.learning_rate = lr
+        return f"lr {lr:g}"

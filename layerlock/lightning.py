@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import SpecError
 from .resolver import BnPolicy
-from .schedule import Schedule
+from .schedule import PhaseStepper, Schedule
 from .torch import FreezeScheduler as _LoopScheduler
 
 try:
@@ -35,8 +34,7 @@ class FreezeScheduler(Callback):
 
     def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, verbose: bool = True) -> None:
-        if not isinstance(schedule, Schedule):
-            raise SpecError(f"FreezeScheduler needs a layerlock.Schedule; received {type(schedule).__name__}")
+        PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)  # bad input fails here
         self.schedule = schedule
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
         self.verbose = verbose

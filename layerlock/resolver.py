@@ -1,5 +1,8 @@
 """Resolve a spec against a model's tree into a :class:`Plan` (pure Python, no framework).
 
+Every selection in layerlock goes through here: specs, and the patterns that helpers take
+(``param_groups(lr_mult=...)``), so they share one meaning and one set of errors.
+
 >>> import layerlock as ll
 >>> from layerlock.tree import Node, Param
 >>> root = Node("", "Net", children=[
@@ -13,17 +16,18 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Literal
 
 from .errors import LayerlockWarning, NoMatchError, SpecError
-from .results import LayerPlan, ParamPlan, Plan, state_name
+from .results import LayerPlan, Plan, state_name
 from .spec import Rule, Spec, matcher
-from .tree import Node, Param
+from .tree import Node, Tree
 
 BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
 FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
 BnPolicy = Literal["follow", "trainable", "frozen"]
+_GLOB = frozenset("*?[")
 
 
 def check_options(spec: object, bn: object, frozen_mode: object) -> None:
@@ -47,115 +51,174 @@ def _suggest(word: str, candidates: Iterable[str]) -> list[str]:
 
 
 class _Resolver:
-    """Resolution state for one (tree, spec) pair. Nodes are kept pre-order, so the
-    subtree of node i is the index range [i, end[i])."""
+    """Which rule last selected each layer (``node_rule``) and each parameter occurrence
+    (``param_rule``) of one tree; -1 where none did."""
 
-    def __init__(self, root: Node, strict: bool) -> None:
-        self.strict = strict
-        self.nodes: list[Node] = []
-        self.end: list[int] = []
-        self.owner: list[int] = []
-        self.occurrences: list[Param] = []
-        self.first_occ: list[int] = []  # node i's subtree holds occurrences [first_occ[i], first_occ[end[i]])
-
-        nodes, end, owner, occurrences, first_occ = self.nodes, self.end, self.owner, self.occurrences, self.first_occ
-
-        def visit(node: Node) -> None:
-            i = len(nodes)
-            nodes.append(node)
-            end.append(0)
-            first_occ.append(len(occurrences))
-            if node.params:
-                occurrences.extend(node.params)
-                owner.extend([i] * len(node.params))
-            for child in node.children:
-                visit(child)
-            end[i] = len(nodes)
-
-        visit(root)
-        self.first_occ.append(len(self.occurrences))
-        self.node_rule = [-1] * len(self.nodes)
-        self.param_rule = [-1] * len(self.occurrences)
+    def __init__(self, tree: Tree, strict: bool) -> None:
+        self.tree, self.strict = tree, strict
+        self.node_rule = [-1] * len(tree.layer_paths)
+        self.param_rule = [-1] * len(tree.param_paths)
 
     @functools.cached_property
-    def by_path(self) -> dict[str, int]:
-        return {n.path: i for i, n in enumerate(self.nodes)}
+    def layer_index(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.tree.layer_paths)}
+
+    @functools.cached_property
+    def param_index(self) -> dict[str, int]:
+        return {p: o for o, p in enumerate(self.tree.param_paths)}
 
     def fail(self, exc: SpecError) -> None:
         if self.strict:
             raise exc
-        warnings.warn(str(exc), LayerlockWarning, stacklevel=4)
+        warnings.warn(str(exc), LayerlockWarning, stacklevel=5)
 
-    def mark(self, i: int, rule: int) -> int:
-        """Select node i and its subtree; return where the subtree ends."""
-        end = self.end[i]
-        self.node_rule[i:end] = [rule] * (end - i)
+    def mark(self, i: int, r: int) -> int:
+        """Select layer i and its subtree for rule r; return where the subtree ends."""
+        end = self.tree.end[i]
+        self.node_rule[i:end] = [r] * (end - i)
         return end
 
-    def apply_rule(self, r: int, rule: Rule) -> None:
+    def apply_rule(self, r: int, rule: Rule, label: str) -> None:
         if rule.selects_all:
             self.mark(0, r)
             return
         for pattern in rule.patterns:
-            match, hit, skip = matcher(pattern), False, 0
-            for i, node in enumerate(self.nodes):
-                if i < skip:
-                    continue
-                if match(node.path):
-                    skip, hit = self.mark(i, r), True
-            for o, p in enumerate(self.occurrences):
-                if match(p.path):
-                    self.param_rule[o], hit = r, True
-            if not hit:
-                paths = [n.path for n in self.nodes if n.path] + [p.path for p in self.occurrences]
-                hint = _suggest(pattern, paths)
-                kinds = sorted({n.kind for n in self.nodes if matcher(pattern)(n.kind)})
-                extra = f"; it names a layer kind: use kind={kinds[0]!r}" if kinds else ""
-                self.fail(NoMatchError(
-                    f"rule #{r} {rule!r}: pattern {pattern!r} matches no layer or parameter"
-                    + (f"; closest paths: {', '.join(hint)}" if hint else "") + extra
-                    + " (patterns are globs over full dotted paths, or 're:' + a regex)",
-                    pattern=pattern, suggestions=hint))
+            if not self.select_pattern(r, pattern):
+                self.no_match(label, pattern)
         for kind in rule.kind:
-            match, hit, skip = matcher(kind), False, 0
-            for i, node in enumerate(self.nodes):
-                if i >= skip and match(node.kind):
-                    skip, hit = self.mark(i, r), True
-            if not hit:
-                hint = _suggest(kind, {n.kind for n in self.nodes})
-                self.fail(NoMatchError(
-                    f"rule #{r} {rule!r}: kind {kind!r} matches no layer class"
-                    + (f"; closest kinds: {', '.join(hint)}" if hint else ""),
-                    pattern=kind, suggestions=hint))
+            self.select_kind(r, kind, label)
         if rule.depth is not None:
-            self.apply_depth(r, rule)
+            self.select_depth(r, rule, label)
 
-    def apply_depth(self, r: int, rule: Rule) -> None:
+    def select_pattern(self, r: int, pattern: str) -> bool:
+        """Mark what ``pattern`` matches: a layer with its subtree, or a parameter."""
+        tree, hit = self.tree, False
+        if not pattern.startswith("re:") and _GLOB.isdisjoint(pattern):  # a plain path: look it up
+            i = self.layer_index.get(pattern)
+            if i is not None:
+                self.mark(i, r)
+                hit = True
+            o = self.param_index.get(pattern)
+            if o is not None:
+                self.param_rule[o] = r
+                hit = True
+            return hit
+        match, paths, first, param_paths, param_rule = matcher(pattern), tree.layer_paths, tree.first, tree.param_paths, self.param_rule
+        i, n = 0, len(paths)
+        while i < n:  # pre-order: a matched layer's subtree is skipped, it is all selected
+            if match(paths[i]):
+                i, hit = self.mark(i, r), True
+                continue
+            for o in range(first[i], first[i + 1]):
+                if match(param_paths[o]):
+                    param_rule[o], hit = r, True
+            i += 1
+        return hit
+
+    def no_match(self, label: str, pattern: str) -> None:
+        tree = self.tree
+        hint = _suggest(pattern, [p for p in tree.layer_paths if p] + tree.param_paths)
+        kinds = sorted({k for k in tree.kinds if matcher(pattern)(k)})
+        extra = f"; it names a layer kind: use kind={kinds[0]!r}" if kinds else ""
+        self.fail(NoMatchError(
+            f"{label}: pattern {pattern!r} matches no layer or parameter"
+            + (f"; closest paths: {', '.join(hint)}" if hint else "") + extra
+            + " (patterns are globs over full dotted paths, or 're:' + a regex)",
+            pattern=pattern, suggestions=hint))
+
+    def select_kind(self, r: int, kind: str, label: str) -> None:
+        match, kinds, hit, i = matcher(kind), self.tree.kinds, False, 0
+        while i < len(kinds):
+            if match(kinds[i]):
+                i, hit = self.mark(i, r), True
+            else:
+                i += 1
+        if not hit:
+            hint = _suggest(kind, set(kinds))
+            self.fail(NoMatchError(f"{label}: kind {kind!r} matches no layer class"
+                                   + (f"; closest kinds: {', '.join(hint)}" if hint else ""),
+                                   pattern=kind, suggestions=hint))
+
+    def container(self, where: str, label: str) -> list[int] | None:
+        """The children of layer ``where`` ('' is the model), or None (reported) if absent."""
+        i = self.layer_index.get(where)
+        if i is None:
+            hint = _suggest(where, [p for j, p in enumerate(self.tree.layer_paths) if self.tree.end[j] > j + 1])
+            self.fail(NoMatchError(f"{label}: within={where!r} is not a layer path"
+                                   + (f"; closest containers: {', '.join(hint)}" if hint else ""),
+                                   pattern=where, suggestions=hint))
+            return None
+        return self.tree.children(i)
+
+    def select_depth(self, r: int, rule: Rule, label: str) -> None:
         assert rule.depth is not None
         where = rule.within or ""
-        if where not in self.by_path:
-            hint = _suggest(where, [n.path for n in self.nodes if n.children])
-            exc = NoMatchError(f"rule #{r} {rule!r}: within={where!r} is not a layer path"
-                               + (f"; closest containers: {', '.join(hint)}" if hint else ""),
-                               pattern=where, suggestions=hint)
-            self.fail(exc)
+        children = self.container(where, label)
+        if children is None:
             return
-        container = self.by_path[where]
-        children = []  # indices of the container's children: each subtree ends where the next begins
-        j = container + 1
-        while j < self.end[container]:
-            children.append(j)
-            j = self.end[j]
         if abs(rule.depth) > len(children):
+            names = ", ".join(self.tree.layer_paths[c] for c in children[:5])
             self.fail(SpecError(
-                f"rule #{r} {rule!r}: depth={rule.depth} but {where or 'the model'!s} has "
-                f"{len(children)} blocks ({', '.join(self.nodes[c].path for c in children[:5])}"
-                f"{', ...' if len(children) > 5 else ''}); accepted: -{len(children)} to {len(children)}"))
+                f"{label}: depth={rule.depth} but {where or 'the model'!s} has {len(children)} blocks "
+                f"({names}{', ...' if len(children) > 5 else ''}); accepted: -{len(children)} to {len(children)}"))
         for child in children[: rule.depth]:
             self.mark(child, r)
 
+    def decide(self, rules: Sequence[Rule], labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """Apply the rules; for each occurrence, the last rule that selected it or one of its
+        layers (-1 for none), and the tied groups (occurrences of one parameter). A tied
+        parameter is decided by the last rule that selected any of its paths."""
+        tree = self.tree
+        keys = tree.param_keys
+        groups: list[list[int]] = []
+        if len(set(keys)) != len(keys):
+            positions: dict[Hashable, list[int]] = {}
+            for o, key in enumerate(keys):
+                positions.setdefault(key, []).append(o)
+            groups = [os for os in positions.values() if len(os) > 1]
+        self.selected_by: dict[int, set[int]] = {o: set() for os in groups for o in os}
+        for r, rule in enumerate(rules):
+            self.apply_rule(r, rule, labels[r])
+            for o, selected in self.selected_by.items():
+                if r in (self.param_rule[o], self.node_rule[tree.owner[o]]):
+                    selected.add(r)
+        node_rule = self.node_rule
+        decided = [r if r > (nr := node_rule[i]) else nr for r, i in zip(self.param_rule, tree.owner)]
+        for os in groups:
+            last = max(decided[o] for o in os)
+            for o in os:
+                decided[o] = last
+        return decided, groups
 
-def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+
+def select(root: Node | Tree, patterns: Sequence[str], *, strict: bool = True, what: str = "pattern") -> list[int]:
+    """For each parameter occurrence of ``root``, the index of the last of ``patterns`` that
+    selects it (-1 for none), with a spec's meaning: a layer path selects its subtree, the
+    later pattern wins, and a pattern that matches nothing raises :class:`NoMatchError`
+    (a warning with ``strict=False``). ``what`` names the patterns in errors.
+
+    >>> from layerlock.tree import Node, Param
+    >>> root = Node("", "Net", children=[Node("fc", "Linear", params=[Param("fc.bias", 1, True, 0)])])
+    >>> select(root, ["fc", "*.bias"]), select(root, ["*.bias", "fc"])
+    ([1], [1])
+    """
+    rules = [Rule("freeze", patterns=(p,)) for p in patterns]
+    return _Resolver(Tree.of(root), strict).decide(rules, [what] * len(rules))[0]
+
+
+def blocks(root: Node | Tree, within: str | None = None, *, strict: bool = True) -> list[str]:
+    """Paths of the blocks ``depth`` counts: the children of ``within`` (or of the model).
+
+    >>> from layerlock.tree import Node
+    >>> blocks(Node("", "Net", children=[Node("a", "Linear"), Node("b", "Linear")]))
+    ['a', 'b']
+    """
+    tree = Tree.of(root)
+    children = _Resolver(tree, strict).container(within or "", f"within={within!r}")
+    return [tree.layer_paths[c] for c in children or ()]
+
+
+def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
             frozen_mode: str | None = None, param_level: bool = True, backend: str = "") -> Plan:
     """Decide every parameter of the tree ``root`` under ``spec``; touches nothing.
 
@@ -169,71 +232,60 @@ def resolve(root: Node, spec: Spec, *, strict: bool = True, bn: BnPolicy = "foll
     ('b',)
     """
     check_options(spec, bn, frozen_mode)
-    res = _Resolver(root, strict)
-    occ = res.occurrences
-    # A tied parameter (one key, several paths) needs every rule that selects each path.
-    positions: dict[Hashable, list[int]] = {}
-    for o, p in enumerate(occ):
-        positions.setdefault(p.key, []).append(o)
-    tied = {key: os for key, os in positions.items() if len(os) > 1}
-    selected_by: dict[int, set[int]] = {o: set() for os in tied.values() for o in os}
-    for r, spec_rule in enumerate(spec.rules):
-        res.apply_rule(r, spec_rule)
-        for o, rules in selected_by.items():
-            if r in (res.param_rule[o], res.node_rule[res.owner[o]]):
-                rules.add(r)
-
-    # Each occurrence is decided by the latest rule that selected it or one of its layers;
-    # a tied parameter by the latest rule that selected any of its paths.
-    node_rule = res.node_rule
-    decided = [max(r, node_rule[i]) for r, i in zip(res.param_rule, res.owner)]
-    aliases: dict[int, tuple[str, ...]] = {}
-    for os in tied.values():
-        _check_tied(res, spec, os, selected_by)
-        last = max(decided[o] for o in os)
-        for o in os:
-            decided[o] = last
-        aliases[os[0]] = tuple(occ[o].path for o in os[1:])
+    tree = Tree.of(root)
+    res = _Resolver(tree, strict)
+    decided, groups = res.decide(spec.rules, [f"rule #{r} {rule!r}" for r, rule in enumerate(spec.rules)])
+    for os in groups:
+        _check_tied(res, spec, os)
     actions = [rule.action == "unfreeze" for rule in spec.rules]
-    after = [actions[r] if r >= 0 else p.trainable for r, p in zip(decided, occ)]
-    rule_of: list[int | str | None] = [r if r >= 0 else None for r in decided]
-    if bn != "follow":  # the policy overrides the rules for every norm layer's parameters
-        for i, node in enumerate(res.nodes):
-            if node.norm:
-                for o in range(res.first_occ[i], res.first_occ[i] + len(node.params)):
-                    after[o], rule_of[o] = bn == "trainable", "bn"
-    secondary = {o for os in tied.values() for o in os[1:]}
-    params = tuple(ParamPlan(p.path, p.numel, p.trainable, after[o], rule_of[o], aliases.get(o, ()))
-                   for o, p in enumerate(occ) if o not in secondary)
-
+    after = [actions[r] if r >= 0 else t for r, t in zip(decided, tree.trainable)]
+    rules: list[int | str | None] = [r if r >= 0 else None for r in decided]
+    if bn != "follow":  # the policy overrides the rules for every norm layer's own parameters
+        first = tree.first
+        for i in [i for i, norm in enumerate(tree.norm) if norm]:
+            for o in range(first[i], first[i + 1]):
+                after[o], rules[o] = bn == "trainable", "bn"
     if not param_level:
-        for i, node in enumerate(res.nodes):
-            first = res.first_occ[i]
-            states = after[first:first + len(node.params)]
-            if len(set(states)) > 1:
-                raise SpecError(
-                    f"this backend ({backend or 'unknown'}) freezes whole layers only, but the plan "
-                    f"splits layer {node.path!r}: " + ", ".join(
-                        f"{q.path.rpartition('.')[2]} {state_name(a)}" for q, a in zip(node.params, states))
-                    + ". Select the layer, not single parameters.")
+        _check_whole_layers(tree, after, backend)
+    layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec))
+    paths, numels, before = tree.param_paths, tree.numels, tree.trainable
+    aliases: dict[int, tuple[str, ...]] = {}
+    if groups:  # a tied parameter is one row, under its first path
+        secondary = {o for os in groups for o in os[1:]}
+        rows = [o for o in range(len(paths)) if o not in secondary]
+        row_of = {o: k for k, o in enumerate(rows)}
+        aliases = {row_of[os[0]]: tuple(paths[o] for o in os[1:]) for os in groups}
+        paths, numels, before = [paths[o] for o in rows], [numels[o] for o in rows], [before[o] for o in rows]
+        after, rules = [after[o] for o in rows], [rules[o] for o in rows]
+    return Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
+                layers, bn, frozen_mode, backend)
 
-    layers = _layer_plans(res, bn, frozen_mode, after, spec)
-    return Plan(spec, params, tuple(layers), bn, frozen_mode, backend)
+
+def _check_whole_layers(tree: Tree, after: list[bool], backend: str) -> None:
+    first = tree.first
+    for i, path in enumerate(tree.layer_paths):
+        states = after[first[i]:first[i + 1]]
+        if len(set(states)) > 1:
+            raise SpecError(
+                f"this backend ({backend or 'unknown'}) freezes whole layers only, but the plan splits layer "
+                f"{path!r}: " + ", ".join(f"{tree.param_paths[o].rpartition('.')[2]} {state_name(after[o])}"
+                                          for o in range(first[i], first[i + 1]))
+                + ". Select the layer, not single parameters.")
 
 
-def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int], selected_by: dict[int, set[int]]) -> None:
+def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int]) -> None:
     """Report rules that disagree about a tied parameter. Rules selecting all its paths
     treat it as one tensor; a disagreement is two paths whose last rules of their own (after
     the last shared one) ask for different things, as in freeze("transformer") then
     unfreeze("lm_head") when lm_head.weight is the embedding matrix."""
+    selected_by, paths = res.selected_by, res.tree.param_paths
     shared = set.intersection(*(selected_by[o] for o in occurrences))
     last_shared = max(shared, default=-1)
     own = {o: max((r for r in selected_by[o] - shared if r > last_shared), default=-1) for o in occurrences}
     if len({spec.rules[r].action for r in own.values() if r >= 0}) > 1:
         res.fail(SpecError(
-            f"tied parameter {' = '.join(res.occurrences[o].path for o in occurrences)} is one tensor, but "
-            "the rules disagree: " + "; ".join(f"{res.occurrences[o].path} <- #{r} {spec.rules[r]!r}"
-                                                for o, r in own.items() if r >= 0)
+            f"tied parameter {' = '.join(paths[o] for o in occurrences)} is one tensor, but the rules "
+            "disagree: " + "; ".join(f"{paths[o]} <- #{r} {spec.rules[r]!r}" for o, r in own.items() if r >= 0)
             + ". Add a last rule that names all its paths to decide it."))
 
 
@@ -242,47 +294,48 @@ def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: list[b
     """Which layers are held in inference mode: frozen norm layers (by the bn policy) and,
     with ``frozen_mode='eval'``, the topmost fully frozen subtrees. ``after`` is the
     trainable-after flag of each parameter occurrence."""
-    nodes, first_occ = res.nodes, res.first_occ
+    tree = res.tree
+    first, end, norm, held_now = tree.first, tree.end, tree.norm, tree.held
     trainable_upto = [0]  # prefix sums over occurrences, for "is this subtree all frozen?"
     if frozen_mode == "eval":
+        candidates: Iterable[int] = range(len(norm))
         for trainable in after:
             trainable_upto.append(trainable_upto[-1] + trainable)
+    else:
+        candidates = [i for i, (n, h) in enumerate(zip(norm, held_now)) if n or h]
 
     out: dict[Hashable, LayerPlan] = {}
-    for i, node in enumerate(nodes):
-        if not (node.norm or node.held or frozen_mode):
-            continue
-        key = node.key if node.key is not None else id(node)
+    for i in candidates:
+        key = tree.layer_keys[i]
         if key in out:
             continue
         held: bool | None = None
         reason = "bn"
-        if node.norm:
+        if norm[i]:
             if bn != "follow":
                 held = bn == "frozen"
-            elif node.params:
-                held = not any(after[first_occ[i]:first_occ[i] + len(node.params)])
+            elif first[i + 1] > first[i]:
+                held = not any(after[first[i]:first[i + 1]])
             elif res.node_rule[i] >= 0:
                 held = spec.rules[res.node_rule[i]].action == "freeze"
             else:
-                held = node.held
+                held = held_now[i]
         if frozen_mode == "eval" and i > 0 and not held:
-            a, b = first_occ[i], first_occ[res.end[i]]
+            a, b = first[i], first[end[i]]
             parent_held = any(k in out and out[k].held_after for k in _ancestors(res, i))
             if b > a and trainable_upto[b] == trainable_upto[a] and not parent_held:
                 held, reason = True, "frozen_mode"
-        if held is None and node.held:
+        if held is None and held_now[i]:
             held, reason = False, "frozen_mode"
         if held is not None:
-            out[key] = LayerPlan(node.path, node.kind, node.held, held, reason)
+            out[key] = LayerPlan(tree.layer_paths[i], tree.kinds[i], held_now[i], held, reason)
     return list(out.values())
 
 
 def _ancestors(res: _Resolver, i: int) -> Iterable[Hashable]:
-    path = res.nodes[i].path
+    path = res.tree.layer_paths[i]
     while path:
         path = path.rpartition(".")[0]
-        j = res.by_path.get(path)
+        j = res.layer_index.get(path)
         if j is not None:
-            node = res.nodes[j]
-            yield node.key if node.key is not None else id(node)
+            yield res.tree.layer_keys[j]

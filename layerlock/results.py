@@ -8,6 +8,7 @@ entries), :class:`State` and :class:`Summary`. No framework, no model: just data
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 from ._format import count, table
 from .errors import SpecError
 from .spec import Spec
-from .tree import Node, Param
+from .tree import Node, Tree
 
 
 class ParamPlan(NamedTuple):
@@ -46,41 +47,58 @@ class LayerPlan(NamedTuple):
 class Plan:
     """What applying a spec does to a model. ``str(plan)`` is a readable table.
 
+    The decisions are stored as columns, one entry per parameter (each tied parameter once,
+    under its first path): ``paths``, ``numels``, ``trainable_before``, ``trainable_after``
+    and ``rules``; ``aliases`` maps a row to a tied parameter's other paths. ``params``
+    gives the same rows as :class:`ParamPlan` entries.
+
     >>> import layerlock as ll
-    >>> p = Plan(ll.freeze(), (ParamPlan("w", 4, True, False, 0), ParamPlan("b", 2, True, True, None)))
-    >>> p.frozen, p.changed, p.trainable_scalars
-    (('w',), ('w',), 2)
+    >>> p = Plan(ll.freeze(), ("w", "b"), (4, 2), (True, True), (False, True), (0, None))
+    >>> p.frozen, p.changed, p.trainable_scalars, p.params[0].rule
+    (('w',), ('w',), 2, 0)
     """
 
     spec: Spec
-    params: tuple[ParamPlan, ...]
+    paths: tuple[str, ...]
+    numels: tuple[int, ...]
+    trainable_before: tuple[bool, ...]
+    trainable_after: tuple[bool, ...]
+    rules: tuple[int | str | None, ...]
+    aliases: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     layers: tuple[LayerPlan, ...] = ()
     bn: str = "follow"
     frozen_mode: str | None = None
     backend: str = ""
 
+    @functools.cached_property
+    def params(self) -> tuple[ParamPlan, ...]:
+        """The decision for each parameter, as :class:`ParamPlan` rows."""
+        aliases = self.aliases
+        return tuple(ParamPlan(*row, aliases.get(i, ())) for i, row in enumerate(zip(
+            self.paths, self.numels, self.trainable_before, self.trainable_after, self.rules)))
+
     @property
     def frozen(self) -> tuple[str, ...]:
         """Paths of the parameters frozen after applying."""
-        return tuple(p.path for p in self.params if not p.trainable_after)
+        return tuple(p for p, a in zip(self.paths, self.trainable_after) if not a)
 
     @property
     def trainable(self) -> tuple[str, ...]:
         """Paths of the parameters trainable after applying."""
-        return tuple(p.path for p in self.params if p.trainable_after)
+        return tuple(p for p, a in zip(self.paths, self.trainable_after) if a)
 
     @property
     def changed(self) -> tuple[str, ...]:
         """Paths of the parameters whose trainable flag the plan changes."""
-        return tuple(p.path for p in self.params if p.trainable_before != p.trainable_after)
+        return tuple(p for p, b, a in zip(self.paths, self.trainable_before, self.trainable_after) if b != a)
 
     @property
     def frozen_scalars(self) -> int:
-        return sum(p.numel for p in self.params if not p.trainable_after)
+        return sum(n for n, a in zip(self.numels, self.trainable_after) if not a)
 
     @property
     def trainable_scalars(self) -> int:
-        return sum(p.numel for p in self.params if p.trainable_after)
+        return sum(n for n, a in zip(self.numels, self.trainable_after) if a)
 
     @property
     def held(self) -> tuple[str, ...]:
@@ -212,22 +230,22 @@ class Summary:
     rows: tuple[BlockRow, ...]
 
     @classmethod
-    def of(cls, root: Node) -> Summary:
+    def of(cls, root: Node | Tree) -> Summary:
+        tree = Tree.of(root)
+        blocks = [(0, tree.first[0], tree.first[1], tree.held[0])] if tree.first[1] > tree.first[0] else []
+        blocks += [(j, tree.first[j], tree.first[tree.end[j]], any(tree.held[j:tree.end[j]]))
+                   for j in tree.children(0)]
         seen: set[Hashable] = set()
         rows = []
-        blocks: list[tuple[str, str, list[Param], bool]] = []
-        if root.params:
-            blocks.append(("(root)", root.kind, list(root.params), root.held))
-        for child in root.children:
-            held = any(n.held for n in child.walk())
-            blocks.append((child.path, child.kind, list(child.parameters()), held))
-        for name, kind, params, held in blocks:
-            fresh = [p for p in params if p.key not in seen]
-            seen.update(p.key for p in fresh)
-            tr = [p for p in fresh if p.trainable]
-            fr = [p for p in fresh if not p.trainable]
-            rows.append(BlockRow(name, kind, len(tr), sum(p.numel for p in tr), len(fr),
-                                 sum(p.numel for p in fr), held))
+        for j, a, b, held in blocks:
+            counts = [0, 0, 0, 0]  # frozen tensors, frozen scalars, trainable tensors, trainable scalars
+            for o in range(a, b):
+                if tree.param_keys[o] not in seen:
+                    seen.add(tree.param_keys[o])
+                    counts[2 * tree.trainable[o]] += 1
+                    counts[2 * tree.trainable[o] + 1] += tree.numels[o]
+            name = tree.layer_paths[j] if j else "(root)"
+            rows.append(BlockRow(name, tree.kinds[j], counts[2], counts[3], counts[0], counts[1], held))
         return cls(tuple(rows))
 
     @property

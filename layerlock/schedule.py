@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._format import count
 from .errors import SpecError
-from .operations import plan
-from .resolver import BnPolicy
+from .operations import apply, plan
+from .resolver import BnPolicy, check_options
 from .results import Plan
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
@@ -90,6 +90,14 @@ class Schedule:
     def spec_at(self, epoch: int) -> Spec:
         """The cumulative spec in force at ``epoch``: every phase so far, in order."""
         return sum((p.spec for p in self.phases[: self.phase_index(epoch) + 1]), Spec())
+
+    def lr_at(self, epoch: int) -> float | None:
+        """The ``lr`` of the latest phase up to ``epoch`` that sets one (None if none does).
+
+        >>> Schedule({0: freeze(), 2: unfreeze("a"), 4: unfreeze()}, lr={2: 0.1}).lr_at(5)
+        0.1
+        """
+        return next((p.lr for p in reversed(self.phases[: self.phase_index(epoch) + 1]) if p.lr is not None), None)
 
     def check(self, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
               frozen_mode: str | None = None) -> None:
@@ -171,12 +179,62 @@ def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str
     return Schedule(phases)
 
 
-def transition(epoch: int, index: int, schedule: Schedule, plan: Plan, extra: str = "") -> str:
-    """The one-line log of a phase change."""
-    gained = sum(p.numel for p in plan.params if p.trainable_after and not p.trainable_before)
-    lost = sum(p.numel for p in plan.params if p.trainable_before and not p.trainable_after)
-    total = plan.trainable_scalars + plan.frozen_scalars
-    share = 100 * plan.trainable_scalars / total if total else 0.0
-    return (f"layerlock: epoch {epoch}: phase {index + 1}/{len(schedule.phases)} "
-            f"{schedule.phases[index].spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
-            f"{count(plan.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {extra}" if extra else ""))
+class Transition(NamedTuple):
+    """A phase change: the epoch (or step) it happened at, the index of the phase it entered,
+    the applied plan and the one-line log."""
+
+    at: int
+    phase: int
+    plan: Plan
+    message: str
+
+
+class PhaseStepper:
+    """The one routine that walks a model through a :class:`Schedule`; the torch, Keras,
+    Lightning, Hugging Face and JAX schedulers are thin adapters around it.
+
+    ``step(model, at, sync)`` applies the cumulative spec when ``at`` enters a new phase,
+    then calls ``sync(phase, plan)`` (the framework's optimizer housekeeping, which returns
+    a note for the log) and returns the :class:`Transition`; otherwise it returns None.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> stepper = PhaseStepper(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}))
+    >>> stepper.check(net)
+    >>> print(stepper.step(net, 0).message)
+    layerlock: epoch 0: phase 1/2 Spec(freeze('0')): +0 / -6 trainable scalars, 3 trainable (33.3%)
+    >>> stepper.step(net, 1) is None
+    True
+    """
+
+    def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
+                 frozen_mode: str | None = None, unit: str = "epoch", owner: str = "FreezeScheduler") -> None:
+        if not isinstance(schedule, Schedule):
+            raise SpecError(f"{owner} needs a layerlock.Schedule such as ll.gradual(3); received "
+                            f"{schedule!r} ({type(schedule).__name__})")
+        check_options(Spec(), bn, frozen_mode)
+        self.schedule, self.unit, self.phase = schedule, unit, -1
+        self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
+
+    def check(self, model: Any) -> None:
+        """Plan every phase on ``model`` (changing nothing): a typo fails before training."""
+        self.schedule.check(model, **self.options)
+
+    def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
+        """Bring ``model`` to the phase in force at ``at``; the transition, or None."""
+        index = self.schedule.phase_index(at)
+        if index == self.phase or index < 0:
+            return None
+        result = apply(model, self.schedule.spec_at(at), **self.options)
+        phase = self.schedule.phases[index]
+        note = sync(phase, result) if sync is not None else ""
+        self.phase = index
+        gained = sum(p.numel for p in result.params if p.trainable_after and not p.trainable_before)
+        lost = sum(p.numel for p in result.params if p.trainable_before and not p.trainable_after)
+        total = result.trainable_scalars + result.frozen_scalars
+        share = 100 * result.trainable_scalars / total if total else 0.0
+        message = (f"layerlock: {self.unit} {at}: phase {index + 1}/{len(self.schedule.phases)} "
+                   f"{phase.spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
+                   f"{count(result.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {note}" if note else ""))
+        return Transition(at, index, result, message)
+

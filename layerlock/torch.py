@@ -18,64 +18,41 @@ from typing import Any, Callable
 
 import torch
 
+from .backends import get_backend
 from .backends.torch import TorchBackend, ddp_of, unwrap
 from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
 from .operations import apply
-from .resolver import BnPolicy
+from .resolver import BnPolicy, blocks, select
 from .results import Plan
+from .schedule import Phase, PhaseStepper, Schedule
 from .spec import Spec
-from .schedule import Schedule, transition
-from .spec import matcher
+from .tree import Tree
 
 __all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
            "check_ranks", "unwrap", "TorchBackend"]
 
 
-def _prefixes(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def _last_match(patterns: Sequence[str], path: str) -> int:
-    """Index of the last pattern matching the parameter or one of its layers (-1 if none)."""
-    found = -1
-    for i, pattern in enumerate(patterns):
-        m = matcher(pattern)
-        if any(m(p) for p in _prefixes(path)):
-            found = i
-    return found
-
-
-def _block_ids(model: torch.nn.Module, within: str | None) -> tuple[dict[str, int], int]:
-    """Map each parameter path to its block number (0 = bottom) and return the top number.
+def _block_ids(tree: Tree, within: str | None, strict: bool) -> tuple[list[int], int]:
+    """The block number of each parameter occurrence (0 = bottom) and the top number.
 
     Without ``within``, blocks are the model's children. With it, parameters before the
     container are block 0, its children are blocks 1..n, and parameters after it are n+1.
     """
-    root = unwrap(model)
-    names = [n for n, _ in root.named_parameters()]
+    paths = blocks(tree, within, strict=strict)
+    ids = select(tree, paths, strict=strict, what=f"layer_decay block of {within or 'the model'}")
     if within is None:
-        children = [n for n, _ in root.named_children()]
-        ids = {n: next((i for i, c in enumerate(children) if n.startswith(c + ".")), 0) for n in names}
-        return ids, max(len(children) - 1, 0)
-    try:
-        container = root.get_submodule(within)
-    except AttributeError:
-        raise SpecError(f"layer_decay within={within!r} is not a module path of this model") from None
-    children = [f"{within}.{n}" for n, _ in container.named_children()]
-    ids, seen_container = {}, False
-    for n in names:
-        k = next((i for i, c in enumerate(children) if n.startswith(c + ".")), None)
-        if k is not None:
-            ids[n], seen_container = k + 1, True
-        else:
-            ids[n] = len(children) + 1 if seen_container else 0
-    return ids, len(children) + 1
+        return [max(i, 0) for i in ids], max(len(paths) - 1, 0)
+    out, seen_container = [], False
+    for i in ids:
+        seen_container |= i >= 0
+        out.append(i + 1 if i >= 0 else len(paths) + 1 if seen_container else 0)
+    return out, len(paths) + 1
 
 
 def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, float] | None = None,
-                 weight_decay: float | None = None, no_decay: Sequence[str] = (),
-                 layer_decay: float | None = None, within: str | None = None) -> list[dict[str, Any]]:
+                 weight_decay: float | None = None, no_decay: str | Sequence[str] = (),
+                 layer_decay: float | None = None, within: str | None = None,
+                 strict: bool = True) -> list[dict[str, Any]]:
     """Optimizer param groups for the trainable parameters only, named for resuming.
 
     ``lr_mult={pattern: factor}``: discriminative rates, the last matching pattern wins.
@@ -83,6 +60,8 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
     ``layer_decay=0.75``: the top block gets ``lr`` and each block k below it ``lr * 0.75**k``
     (BEiT/timm); blocks are the model's children, or ``within``'s children with what comes
     before the container at the bottom and what comes after it on top.
+    Patterns mean what they mean in a spec (a layer path selects its subtree) and a pattern
+    that matches nothing raises :class:`~layerlock.NoMatchError` (``strict=False``: a warning).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -93,27 +72,29 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
         raise SpecError(f"lr must be a number > 0; received {lr!r}")
     mults = dict(lr_mult or {})
     for pattern, factor in mults.items():
-        matcher(pattern)
-        if not isinstance(factor, (int, float)) or factor < 0:
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
             raise SpecError(f"lr_mult[{pattern!r}] must be a number >= 0; received {factor!r}")
     if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
         raise SpecError(f"layer_decay must be a number in (0, 1]; received {layer_decay!r}")
-    if isinstance(no_decay, str):
-        no_decay = (no_decay,)
+    no_decay = (no_decay,) if isinstance(no_decay, str) else tuple(no_decay)
     patterns = list(mults)
-    ids, top = _block_ids(model, within) if layer_decay is not None else ({}, 0)
+    tree = Tree.of(get_backend(model).tree(model))
+    mult_of = select(tree, patterns, strict=strict, what="lr_mult")
+    decay_of = select(tree, no_decay, strict=strict, what="no_decay")
+    block_of, top = _block_ids(tree, within, strict) if layer_decay is not None else (None, 0)
+    tensors = dict(unwrap(model).named_parameters(remove_duplicate=False))
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
+    seen: set[Any] = set()
+    for o, name in enumerate(tree.param_paths):
+        if not tree.trainable[o] or tree.param_keys[o] in seen:
             continue
-        i = _last_match(patterns, name)
+        seen.add(tree.param_keys[o])
+        i = mult_of[o]
         mult = mults[patterns[i]] if i >= 0 else 1.0
-        block = ids.get(name)
+        block = None if block_of is None else block_of[o]
         if block is not None:
             mult *= layer_decay ** (top - block)  # type: ignore[operator]
-        decay = weight_decay
-        if no_decay and _last_match(list(no_decay), name) >= 0:
-            decay = 0.0
+        decay = 0.0 if decay_of[o] >= 0 else weight_decay
         key = (block, patterns[i] if i >= 0 else None, decay)
         if key not in groups:
             label = [f"block{block}" if block is not None else "",
@@ -121,7 +102,7 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
                      "no_decay" if decay == 0.0 and weight_decay else ""]
             groups[key] = {"name": "/".join(x for x in label if x) or "default", "params": [],
                            "lr": lr * mult, **({} if decay is None else {"weight_decay": decay})}
-        groups[key]["params"].append((name, p))
+        groups[key]["params"].append((name, tensors[name]))
     return list(groups.values())
 
 
@@ -246,7 +227,7 @@ def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
     """
     import torch.distributed as dist
 
-    state = TorchBackend().read(model)
+    state = get_backend(model).read(model)
     digest = hashlib.sha256(repr(sorted(state.params.items())).encode()
                             + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()).hexdigest()
     if not (dist.is_available() and dist.is_initialized()):
@@ -307,32 +288,35 @@ class FreezeScheduler:
     def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
-        if not isinstance(schedule, Schedule):
-            raise SpecError(f"FreezeScheduler needs a layerlock.Schedule; received {type(schedule).__name__}")
+        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
         self.schedule, self.model, self.optimizer, self.scheduler = schedule, model, optimizer, scheduler
-        self.options = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
         self.log = log
-        self.phase = -1
         self.epoch = -1
-        schedule.check(model, **self.options)
+        self.stepper.check(model)
         _warn_recompiles(schedule, model)
+
+    @property
+    def phase(self) -> int:
+        """Index of the phase in force (-1 before the first)."""
+        return self.stepper.phase
 
     def step(self, epoch: int) -> Plan | None:
         """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
-        index = self.schedule.phase_index(epoch)
         self.epoch = epoch
-        if index == self.phase or index < 0:
+        change = self.stepper.step(self.model, epoch, self._sync)
+        if change is None:
             return None
-        result = apply(self.model, self.schedule.spec_at(epoch), **self.options)  # type: ignore[arg-type]
-        added: list[str] = []
-        if self.optimizer is not None:
-            added = sync_optimizer(self.optimizer, self.model, self.schedule.phases[index].lr, self.scheduler)
-        self.phase = index
         if self.log is not None:
-            lr = self.schedule.phases[index].lr
-            extra = f"optimizer +{len(added)} tensors" + (f" at lr {lr:g}" if lr is not None else "") if added else ""
-            self.log(transition(epoch, index, self.schedule, result, extra))
-        return result
+            self.log(change.message)
+        return change.plan
+
+    def _sync(self, phase: Phase, plan: Plan) -> str:
+        if self.optimizer is None:
+            return ""
+        added = sync_optimizer(self.optimizer, self.model, phase.lr, self.scheduler)
+        if not added:
+            return ""
+        return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "phase": self.phase, "structure": structure_fingerprint(self.model),

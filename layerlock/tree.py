@@ -61,3 +61,72 @@ class Node:
             if p.key not in seen:
                 seen.add(p.key)
                 yield p
+
+
+@dataclass(eq=False, slots=True)
+class Tree:
+    """A model as flat pre-order arrays: what the resolver reads.
+
+    Layer ``i`` has ``layer_paths[i]``, ``kinds[i]``, ``layer_keys[i]``, ``norm[i]`` and
+    ``held[i]``; its subtree is layers ``[i, end[i])``; its own parameters are the entries
+    ``[first[i], first[i + 1])`` of the parameter arrays (``param_paths``, ``numels``,
+    ``trainable``, ``param_keys``, ``owner``), its subtree's ``[first[i], first[end[i]])``.
+    ``first`` ends with one extra entry, the number of parameter occurrences.
+    :meth:`of` flattens a :class:`Node` tree; a backend may fill the arrays itself instead
+    (the torch backend does, because it is faster than building nodes).
+
+    >>> t = Tree.of(Node("", "Net", children=[Node("fc", "Linear", params=[Param("fc.w", 6, True, 0)])]))
+    >>> t.layer_paths, t.end, t.first, t.owner
+    (['', 'fc'], [2, 2], [0, 0, 1], [1])
+    """
+
+    layer_paths: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    layer_keys: list[Hashable] = field(default_factory=list)
+    norm: list[bool] = field(default_factory=list)
+    held: list[bool] = field(default_factory=list)
+    end: list[int] = field(default_factory=list)
+    first: list[int] = field(default_factory=list)
+    param_paths: list[str] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
+    trainable: list[bool] = field(default_factory=list)
+    param_keys: list[Hashable] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, root: Node | Tree) -> Tree:
+        """The flat form of a :class:`Node` tree (a Tree is returned as it is)."""
+        if isinstance(root, Tree):
+            return root
+        tree = cls()
+
+        def visit(node: Node) -> None:
+            i = len(tree.layer_paths)
+            tree.layer_paths.append(node.path)
+            tree.kinds.append(node.kind)
+            tree.layer_keys.append(node.key if node.key is not None else id(node))
+            tree.norm.append(node.norm)
+            tree.held.append(node.held)
+            tree.end.append(0)
+            tree.first.append(len(tree.param_paths))
+            for p in node.params:
+                tree.param_paths.append(p.path)
+                tree.numels.append(p.numel)
+                tree.trainable.append(p.trainable)
+                tree.param_keys.append(p.key)
+                tree.owner.append(i)
+            for child in node.children:
+                visit(child)
+            tree.end[i] = len(tree.layer_paths)
+
+        visit(root)
+        tree.first.append(len(tree.param_paths))
+        return tree
+
+    def children(self, i: int) -> list[int]:
+        """Indices of layer ``i``'s direct children, in order."""
+        out, j = [], i + 1
+        while j < self.end[i]:
+            out.append(j)
+            j = self.end[j]
+        return out

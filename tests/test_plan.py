@@ -305,3 +305,14 @@ def test_restore_of_snapshot_is_exact(first, second):
         assert ll.snapshot(model) == state
     finally:
         lb.unregister("fake")
+
+
+def test_the_gc_pause_covers_the_walk_and_the_resolution_but_not_the_backend(fake_backend):
+    import gc
+
+    seen = {}
+    tree, apply = fake_backend.tree, fake_backend.apply
+    fake_backend.tree = lambda model: (seen.setdefault("tree", gc.isenabled()), tree(model))[1]
+    fake_backend.apply = lambda model, plan: (seen.setdefault("apply", gc.isenabled()), apply(model, plan))
+    ll.apply(resnetish(), ll.freeze("backbone"))
+    assert seen == {"tree": False, "apply": True} and gc.isenabled()

@@ -1,6 +1,9 @@
 """The PyTorch backend under real training: frozen means frozen, with every optimizer."""
 
 import copy
+import subprocess
+import sys
+import textwrap
 import io
 
 import pytest
@@ -234,3 +237,17 @@ def test_apply_never_changes_values_and_is_idempotent():
     ll.apply(model, spec, frozen_mode="eval")
     assert ll.apply(model, spec, frozen_mode="eval").changed == ()
     assert all(torch.equal(v, tensors(model)[k]) for k, v in before.items())
+
+
+def test_module_train_is_wrapped_only_once_something_is_held():
+    code = textwrap.dedent("""
+        import torch, layerlock as ll
+        original = torch.nn.Module.train
+        net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        ll.apply(net, ll.freeze("0")); ll.summary(net); ll.snapshot(net)
+        untouched = torch.nn.Module.train is original
+        ll.apply(net, ll.freeze())   # holds the frozen BatchNorm
+        print(untouched, torch.nn.Module.train is original, net.train()[1].training)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"], out.stdout + out.stderr

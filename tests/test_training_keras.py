@@ -93,3 +93,28 @@ def test_the_same_schedule_tests_pass_on_the_torch_keras_backend():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "not torch_keras_backend"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_sync_optimizer_in_a_custom_loop_adds_unfrozen_variables_and_keeps_adam_state():
+    model = blocks_model()
+    ll.apply(model, ll.freeze().unfreeze("head"))
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+
+    def step():  # a custom loop's update, with a constant gradient (backend-neutral)
+        variables = model.trainable_variables
+        optimizer.apply([keras.ops.ones_like(v) for v in variables], variables)
+
+    step()
+    moments = {id(v): np.array(optimizer.variables[i].numpy()) for i, v in enumerate(optimizer.variables)}
+    ll.apply(model, ll.freeze().unfreeze("head", "b3"))
+    assert llk.sync_optimizer(optimizer, model) == ["b3.kernel", "b3.bias"]
+    assert llk.sync_optimizer(optimizer, model) == []
+    kept = [v for v in optimizer.variables if id(v) in moments]
+    assert kept and all(np.array_equal(moments[id(v)], v.numpy()) for v in kept)  # same slots, same state
+    frozen = [w.numpy().copy() for w in model.get_layer("b0").weights]
+    b3 = [w.numpy().copy() for w in model.get_layer("b3").weights]
+    step()
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(frozen, model.get_layer("b0").weights))
+    assert all(not np.array_equal(a, w.numpy()) for a, w in zip(b3, model.get_layer("b3").weights))
+    assert int(optimizer.iterations.numpy()) == 2

@@ -78,8 +78,38 @@ def test_param_groups_reject_bad_input():
         llt.param_groups(blocks_net(), 0.1, layer_decay=1.5)
     with pytest.raises(ll.SpecError, match="lr must be"):
         llt.param_groups(blocks_net(), -1)
-    with pytest.raises(ll.SpecError, match="not a module path"):
+    with pytest.raises(ll.NoMatchError, match="within='encoder' is not a layer path"):
         llt.param_groups(blocks_net(), 0.1, layer_decay=0.5, within="encoder")
+
+
+def test_param_groups_refuse_a_pattern_that_matches_nothing_and_suggest_the_closest_path(bert):
+    with pytest.raises(ll.NoMatchError, match="lr_mult: pattern 'bret.encoder' matches no layer") as caught:
+        llt.param_groups(bert, 0.1, lr_mult={"bret.encoder": 0.1})
+    assert caught.value.pattern == "bret.encoder" and "bert.encoder" in caught.value.suggestions
+    with pytest.raises(ll.NoMatchError, match="no_decay: pattern"):
+        llt.param_groups(bert, 0.1, weight_decay=0.01, no_decay=["*.bais"])
+    with pytest.raises(ll.NoMatchError, match="use kind='LayerNorm'"):
+        llt.param_groups(bert, 0.1, lr_mult={"LayerNorm": 0.1})
+
+
+def test_param_groups_strict_false_warns_and_ignores_the_pattern():
+    net = blocks_net()
+    with pytest.warns(ll.LayerlockWarning, match="lr_mult: pattern 'bakbone\\*'"):
+        groups = llt.param_groups(net, 0.1, lr_mult={"bakbone*": 0.1}, strict=False)
+    assert [(g["name"], g["lr"]) for g in groups] == [("default", 0.1)]
+
+
+def test_param_group_patterns_mean_what_they_mean_in_a_spec():
+    net = blocks_net()  # 0..3: Sequential(Linear, LayerNorm); 4: Linear
+    # a layer path selects its subtree; the later pattern wins, also over a parameter pattern
+    groups = llt.param_groups(net, 1.0, lr_mult={"*.bias": 0.5, "0": 0.1, "re:[12]\\.0": 0.2})
+    lr_of = {n: g["lr"] for g in groups for n, _ in g["params"]}
+    assert lr_of["0.0.weight"] == lr_of["0.0.bias"] == lr_of["0.1.bias"] == 0.1
+    assert lr_of["1.0.weight"] == lr_of["1.0.bias"] == lr_of["2.0.bias"] == 0.2
+    assert lr_of["1.1.bias"] == lr_of["4.bias"] == 0.5 and lr_of["4.weight"] == 1.0
+    spec = ll.freeze("*.bias").freeze("0").freeze("re:[12]\\.0")  # the same patterns as spec rules
+    factor = {None: 1.0, 0: 0.5, 1: 0.1, 2: 0.2}
+    assert {p.path: factor[p.rule] for p in ll.plan(net, spec).params} == lr_of
 
 
 def test_sync_optimizer_after_unfreeze_makes_unfrozen_weights_move_and_keeps_state():

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendError
 from ..results import Plan, State
-from ..tree import Node
+from ..tree import Node, Tree
 
 ENTRY_POINT_GROUP = "layerlock.backends"
 REQUIRED = ("name", "module", "param_level", "owns", "tree", "apply", "read", "write", "weights")
@@ -40,7 +40,8 @@ class Backend(Protocol):
     - ``module``: the ``sys.modules`` key whose presence means the backend may apply.
     - ``param_level``: True when single parameters can be frozen (not just whole layers).
     - ``owns(model)``: True for models this backend handles.
-    - ``tree(model)``: the model as a :class:`~layerlock.tree.Node` tree.
+    - ``tree(model)``: the model as a :class:`~layerlock.tree.Node` tree, or as the flat
+      :class:`~layerlock.tree.Tree` the resolver reads (faster for large models).
     - ``apply(model, plan)``: set the flags and modes the plan decides.
     - ``read(model)`` / ``write(model, state)``: snapshot and restore a :class:`State`.
     - ``weights(model)``: ``(path, trainable, bytes)`` for each unique parameter.
@@ -51,7 +52,7 @@ class Backend(Protocol):
     param_level: bool
 
     def owns(self, model: Any) -> bool: ...
-    def tree(self, model: Any) -> Node: ...
+    def tree(self, model: Any) -> Node | Tree: ...
     def apply(self, model: Any, plan: Plan) -> None: ...
     def read(self, model: Any) -> State: ...
     def write(self, model: Any, state: State) -> None: ...

@@ -13,7 +13,7 @@ Translation table (Keras 3 on TensorFlow, torch and JAX):
   (the rate is kept in ``_layerlock_rate`` and put back on release).
 - compiled model -> the optimizer tracks exactly ``model.trainable_variables`` (slots of
   variables that stay trainable kept, new ones created, frozen ones parked on the side,
-  see :func:`sync_optimizer`) and the cached train/test/predict functions are rebuilt, so
+  see :func:`_sync_variables`) and the cached train/test/predict functions are rebuilt, so
   the next step of ``fit`` or ``train_on_batch`` trains the new set, also when ``apply``
   runs in a callback during ``fit``.
 
@@ -80,39 +80,41 @@ def _layout(optimizer: Any) -> tuple[str, str] | None:
     return None  # legacy tf_keras optimizers create slots lazily for any variable
 
 
-def sync_optimizer(optimizer: Any, variables: list[Any], scope: Any = None) -> bool:
-    """Make a built Keras optimizer track exactly ``variables`` (in that order).
+def _sync_variables(optimizer: Any, variables: list[Any], scope: Any = None) -> list[Any] | None:
+    """Make a built Keras optimizer track exactly ``variables`` (in that order); the
+    model-level :func:`layerlock.keras.sync_optimizer` and ``apply`` call it.
 
     Slots of variables it already tracks are kept as they are (the same objects, so Adam
     moments and ``iterations`` are untouched); variables it does not know get fresh slots
     from the optimizer's own ``build``; slots of variables dropped from the list are parked
     (taken out of ``optimizer.variables``, kept on the side) and come back if the variable
-    is unfrozen again. Returns True when anything changed. An unbuilt optimizer is left
-    alone: Keras builds it on the first step, on the variables trainable then.
+    is unfrozen again. Returns the variables it newly tracks, or None when nothing changed.
+    An unbuilt optimizer is left alone: Keras builds it on the first step, on the variables
+    trainable then.
 
     >>> import keras
     >>> a, b = keras.Variable(1.0), keras.Variable(2.0)
     >>> opt = keras.optimizers.Adam(); opt.build([a])
-    >>> sync_optimizer(opt, [a, b]), len(opt.variables)
+    >>> _sync_variables(opt, [a, b]) == [b], len(opt.variables)
     (True, 6)
     """
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:  # LossScaleOptimizer: the slots live in the wrapped optimizer
-        changed = sync_optimizer(inner, variables, scope)
+        changed = _sync_variables(inner, variables, scope)
         if getattr(optimizer, "built", False) and hasattr(optimizer, "_trainable_variables_indices"):
             optimizer._trainable_variables = list(variables)
             optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(variables)}
         return changed
     layout = _layout(optimizer)
     if layout is None or not getattr(optimizer, layout[0], False):
-        return False
+        return None
     built_attr, index_attr = layout
     key = optimizer._var_key
     old_index: dict[Any, int] = dict(getattr(optimizer, index_attr))
     old_order = sorted(old_index, key=old_index.__getitem__)
     keys = [key(v) for v in variables]
     if keys == old_order:
-        return False
+        return None
     parked: dict[Any, dict[str, Any]] = optimizer.__dict__.get(PARKED, {})
     fresh = [v for v, k in zip(variables, keys) if k not in old_index and k not in parked]
 
@@ -174,7 +176,7 @@ def sync_optimizer(optimizer: Any, variables: list[Any], scope: Any = None) -> b
             optimizer._trainable_variables = list(variables)
         setattr(optimizer, built_attr, True)
     object.__setattr__(optimizer, PARKED, parked)  # not tracked: parked slots are not checkpointed
-    return True
+    return [v for v, k in zip(variables, keys) if k not in old_index]
 
 
 def _set_variables(optimizer: Any, variables: list[Any]) -> None:
@@ -262,11 +264,11 @@ class KerasBackend:
 
     def apply(self, model: Any, plan: Plan) -> None:
         index = self._index(model)
-        missing = [p.path for p in plan.params if p.path not in index.variables]
+        missing = [path for path in plan.paths if path not in index.variables]
         if missing:
             raise BackendError(f"the plan names parameters this model lacks ({', '.join(missing[:5])}); "
                                "make the plan with ll.plan() on this very model")
-        after = {id(index.variables[p.path]): p.trainable_after for p in plan.params}
+        after = {id(index.variables[path]): a for path, a in zip(plan.paths, plan.trainable_after)}
         held = {id(index.layers[lp.path]): lp.held_after for lp in plan.layers if lp.path in index.layers}
         self._commit(model, index, after, held, {})
 
@@ -430,7 +432,7 @@ def _sync_model_optimizer(model: Any) -> bool:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or isinstance(optimizer, str):
         return False
-    return sync_optimizer(optimizer, model.trainable_variables, _strategy_scope(model))
+    return _sync_variables(optimizer, model.trainable_variables, _strategy_scope(model)) is not None
 
 
 def _strategy_scope(model: Any) -> Any:

@@ -5,9 +5,9 @@ Paths are ``named_modules()`` / ``named_parameters()`` paths of the unwrapped mo
 (``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers are looked
 through), so users write the same patterns with or without a wrapper.
 
-The hold: a held module carries the plain attribute ``_layerlock_eval = True`` and
-``torch.nn.Module.train`` is wrapped once, so ``model.train()`` leaves held modules (and
-what is under them) in eval mode. Nothing runs per forward, no module is replaced, and a
+The hold: a held module carries the plain attribute ``_layerlock_held = True`` and, from
+the first hold on, ``torch.nn.Module.train`` is wrapped, so ``model.train()`` leaves held
+modules (and what is under them) in eval mode. Nothing runs per forward, no module is replaced, and a
 pickled model loads without layerlock (the flag is then inert).
 
 >>> import torch, layerlock as ll
@@ -30,14 +30,20 @@ from torch import nn
 
 from ..errors import DistributedFreezeError
 from ..results import Plan, State
-from ..tree import Node, Param
+from ..tree import Tree
 
-HOLD = "_layerlock_eval"
+HOLD = "_layerlock_held"  # the same attribute name as in the Keras backend
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule", "FullyShardedDataParallel")
 
 
+def _hold(module: nn.Module) -> None:
+    """Hold ``module`` in eval mode, through later ``train()`` calls."""
+    _install_train_hold()
+    module.__dict__[HOLD] = True
+
+
 def _install_train_hold() -> None:
-    """Wrap ``nn.Module.train`` once so that held modules stay in eval mode."""
+    """Wrap ``nn.Module.train`` (once, at the first hold) so that held modules stay in eval mode."""
     original = nn.Module.train
     if getattr(original, "_layerlock", False):
         return
@@ -159,49 +165,68 @@ class TorchBackend:
     param_level = True
 
     def __init__(self) -> None:
-        _install_train_hold()
         self._walks: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, nn.Module)
 
-    def tree(self, model: nn.Module) -> Node:
-        norm = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    def tree(self, model: nn.Module) -> Tree:
+        # The flat arrays are filled directly (no Node objects): this walk is most of the
+        # cost of ll.apply on a large model.
+        tree = Tree()
+        layer_paths, kinds, layer_keys, norms, held = tree.layer_paths, tree.kinds, tree.layer_keys, tree.norm, tree.held
+        end, first, param_paths, numels = tree.end, tree.first, tree.param_paths, tree.numels
+        trainable, param_keys, owner = tree.trainable, tree.param_keys, tree.owner
+        norm_type = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
         tensors: dict[str, nn.Parameter] = {}
+        parameter = nn.Parameter
 
-        def build(path: str, module: nn.Module) -> Node:
+        def build(path: str, module: nn.Module) -> None:
+            i = len(layer_paths)
+            layer_paths.append(path)
+            kinds.append(type(module).__name__)
+            layer_keys.append(id(module))
+            norms.append(isinstance(module, norm_type))
+            held.append(module.__dict__.get(HOLD, False))
+            end.append(0)
+            first.append(len(param_paths))
             prefix = path + "." if path else ""
-            params = []
             for n, p in module._parameters.items():
                 if p is not None:
                     name = prefix + n
-                    tensors.setdefault(name, p)
-                    params.append(Param(name, _numel(p), p.requires_grad, id(p)))
-            children = [build(prefix + n, m) for n, m in module._modules.items() if m is not None]
-            return Node(path, type(module).__name__, params, children, isinstance(module, norm),
-                        module.__dict__.get(HOLD, False), id(module))
+                    param_paths.append(name)
+                    numels.append(p.numel() if type(p) is parameter else _numel(p))
+                    trainable.append(p.requires_grad)
+                    param_keys.append(id(p))
+                    owner.append(i)
+                    tensors[name] = p
+            for n, m in module._modules.items():
+                if m is not None:
+                    build(prefix + n, m)
+            end[i] = len(layer_paths)
 
         root = unwrap(model)
-        node = build("", root)
+        build("", root)
+        first.append(len(param_paths))
         self._walks[root] = tensors  # ll.apply() calls tree() then apply(): walk the model once
-        return node
+        return tree
 
     def apply(self, model: nn.Module, plan: Plan) -> None:
         root = unwrap(model)
         params = self._walks.pop(root, None)
-        if params is None or any(e.path not in params for e in plan.params):
+        if params is None or not all(path in params for path in plan.paths):
             params = dict(root.named_parameters(remove_duplicate=False))
-        check_ddp(model, ((e.path, e.trainable_after) for e in plan.params))
-        for entry in plan.params:
-            p = params[entry.path]
-            if p.requires_grad != entry.trainable_after:
-                p.requires_grad_(entry.trainable_after)
-            if not entry.trainable_after and p.grad is not None:
+        check_ddp(model, zip(plan.paths, plan.trainable_after))
+        for path, after in zip(plan.paths, plan.trainable_after):
+            p = params[path]
+            if p.requires_grad != after:
+                p.requires_grad_(after)
+            if not after and p.grad is not None:
                 p.grad = None  # no stale gradient, momentum step or weight decay can move it
         for layer in sorted(plan.layers, key=lambda lp: lp.path.count(".")):  # parents first
             module = root.get_submodule(layer.path)
             if layer.held_after:
-                module.__dict__[HOLD] = True
+                _hold(module)
                 module.eval()
             elif module.__dict__.pop(HOLD, False):
                 parent = root.get_submodule(layer.path.rpartition(".")[0])
@@ -226,7 +251,7 @@ class TorchBackend:
             if flags is None:
                 continue
             if flags.get("held"):
-                m.__dict__[HOLD] = True
+                _hold(m)
             else:
                 m.__dict__.pop(HOLD, None)
             m.training = flags.get("training", m.training)

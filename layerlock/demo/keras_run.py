@@ -13,7 +13,7 @@ from typing import Any
 
 from ..operations import apply
 from ..schedule import Schedule
-from . import FINE_TUNE, FROZEN_BASE, Config
+from .config import FINE_TUNE, FROZEN_BASE, Config
 from .data import SIZE, Split
 from .report import Phase, Recorder, paired
 from .torch_run import WIDTHS

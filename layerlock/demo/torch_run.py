@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..operations import apply
-from . import FINE_TUNE, FROZEN_BASE, Config
+from .config import FINE_TUNE, FROZEN_BASE, Config
 from .data import Split
 from .report import Phase, Recorder, paired
 
