@@ -104,6 +104,22 @@ def probes(suites: list[str], steps: dict[str, Any], args: argparse.Namespace, d
     return out
 
 
+def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """The earlier results with the sections just measured replaced; each section keeps
+    the date it was measured on (``meta.measured``)."""
+    measured = old["meta"].setdefault("measured", {})
+    for section in sections:
+        if section in ("apply", "import"):
+            old[section] = new[section]
+        else:
+            old["steps"][section] = new["steps"][section]
+            old["memory"][section] = new["memory"].get(section, old["memory"].get(section, {}))
+        measured[section] = new["meta"]["date"]
+        old["meta"]["elapsed_s"].update({k: v for k, v in new["meta"]["elapsed_s"].items() if k != "total"})
+    old["meta"]["versions"] = new["meta"]["versions"]
+    return old
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced grid (a few minutes)")
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> Path:
     results["meta"]["load_avg_end"] = env.load_avg()
     out = args.out or RESULTS / f"{'quick-' if args.quick else ''}{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and set(args.only) != set(SECTIONS):
+        results = merge(json.loads(out.read_text()), results, args.only)
     out.write_text(json.dumps(results, indent=1))
     print(f"results: {out}")
     if args.docs if args.docs is not None else not args.quick:

@@ -1,5 +1,5 @@
-"""Apply overhead (``ll.plan`` / ``ll.apply`` against a hand-written fnmatch loop) and
-import time. Each timed call starts from the same all-trainable model: an untimed reset
+"""Apply overhead (``ll.plan`` / ``ll.apply`` against a hand-written fnmatch loop and,
+for torch, Lightning's ``BaseFinetuning.freeze``) and import time. Each timed call starts from the same all-trainable model: an untimed reset
 runs between calls, because applying a spec to an already frozen model does less work."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .measure import summarize
@@ -35,21 +35,22 @@ def compare(model: Any, timed: dict[str, Callable[[], Any]], reset: Callable[[],
     return {name: {"samples_s": s, **summarize(s)} for name, s in samples.items()}
 
 
-def torch_models(sizes: tuple[int, ...], real: bool) -> list[tuple[str, Any, str]]:
+def torch_models(sizes: tuple[int, ...], real: bool) -> Iterator[tuple[str, Any, str]]:
     """(name, model, backbone pattern): synthetic sizes, then real architectures built on
-    the meta device (shapes without memory, so bert-base costs nothing to build)."""
+    the meta device (shapes without memory, so bert-base costs nothing to build). One at a
+    time: a process holding the other models would slow every walk alike."""
     import torch
 
     from .torch_cases import synthetic
 
-    out = [(f"synthetic-{n // 1000}k" if n >= 1000 else f"synthetic-{n}", synthetic(n), "backbone")
-           for n in sizes]
-    if real:
+    if real:  # imported first, so every row pays what a Hugging Face user's process pays
         from transformers import BertConfig, BertForSequenceClassification
-
-        with torch.device("meta"):
-            out.append(("bert-base", BertForSequenceClassification(BertConfig()), "bert"))
-    return out
+    for n in sizes:
+        yield f"synthetic-{n // 1000}k" if n >= 1000 else f"synthetic-{n}", synthetic(n), "backbone"
+    if real:
+        with torch.device("meta"):  # a device mode: it must not stay active while timing
+            bert = BertForSequenceClassification(BertConfig())
+        yield "bert-base", bert, "bert"
 
 
 def run_torch(quick: bool, sizes: tuple[int, ...] = SYNTHETIC, real: bool = True) -> dict[str, Any]:
@@ -62,13 +63,27 @@ def run_torch(quick: bool, sizes: tuple[int, ...] = SYNTHETIC, real: bool = True
         spec = ll.freeze(pattern)
         n = sum(1 for _ in model.parameters())
         reps = max(3, REPS[quick] // (3 if n > 50_000 else 1))
-        stats = compare(model, {
+        timed = {
             "layerlock_plan": lambda: ll.plan(model, spec),
             "layerlock_apply": lambda: ll.apply(model, spec),
             "hand": lambda: hand_loop(model, pattern),
-        }, lambda: unfreeze_all(model), reps)
+        }
+        lightning = lightning_freeze()
+        if lightning is not None:
+            timed["lightning"] = lambda: lightning(model.get_submodule(pattern))
+        stats = compare(model, timed, lambda: unfreeze_all(model), reps)
         results[name] = {"tensors": n, "calls": stats}
     return results
+
+
+def lightning_freeze() -> Callable[[Any], None] | None:
+    """Lightning's ``BaseFinetuning.freeze`` (its BatchNorm layers keep training, as with
+    ``bn='trainable'``), or None when Lightning is not installed."""
+    try:
+        from lightning.pytorch.callbacks import BaseFinetuning
+    except ImportError:
+        return None
+    return lambda module: BaseFinetuning.freeze(module, train_bn=True)
 
 
 def run_keras(quick: bool) -> dict[str, Any]:
@@ -106,6 +121,8 @@ def run(suite: str, quick: bool, **torch_options: Any) -> dict[str, Any]:
         entry["us_per_tensor"] = {k: 1e6 * v["median"] / entry["tensors"] for k, v in calls.items()}
         entry["apply/hand"] = calls["layerlock_apply"]["median"] / calls["hand"]["median"]
         entry["plan/hand"] = calls["layerlock_plan"]["median"] / calls["hand"]["median"]
+        if "lightning" in calls:
+            entry["apply/lightning"] = calls["layerlock_apply"]["median"] / calls["lightning"]["median"]
     return {"suite": suite, "models": models}
 
 

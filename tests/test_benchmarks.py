@@ -52,3 +52,15 @@ def test_tiny_torch_grid_writes_json_and_docs(tmp_path):
     assert "Not run: tensorflow not installed" in text
     assert (tmp_path / "docs" / "img" / "bench-cpu-steps.png").stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "bench-cpu-apply.png").stat().st_size > 0
+
+
+def test_a_partial_run_replaces_only_its_sections():
+    from benchmarks.__main__ import merge
+
+    old = {"meta": {"date": "d1", "versions": {}, "elapsed_s": {"steps torch": 80}},
+           "steps": {"torch": {"cases": 1}}, "memory": {"torch": {}}, "apply": {"torch": "old"}, "import": {"x": 1}}
+    new = {"meta": {"date": "d2", "versions": {"torch": "2"}, "elapsed_s": {"apply torch": 20, "total": 20}},
+           "steps": {}, "memory": {}, "apply": {"torch": "new"}, "import": {}}
+    out = merge(old, new, ["apply"])
+    assert out["apply"] == {"torch": "new"} and out["steps"] == {"torch": {"cases": 1}} and out["import"] == {"x": 1}
+    assert out["meta"]["measured"] == {"apply": "d2"} and out["meta"]["elapsed_s"] == {"steps torch": 80, "apply torch": 20}

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import layerlock as ll  # noqa: E402
+from layerlock.backends import get_backend  # noqa: E402
 
 
 class Net(nn.Module):
@@ -251,3 +252,11 @@ def test_module_train_is_wrapped_only_once_something_is_held():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "False"], out.stdout + out.stderr
+
+
+def test_a_plan_made_for_another_model_is_refused_before_anything_changes():
+    small, big = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    foreign = ll.plan(big, ll.freeze())
+    with pytest.raises(ll.BackendError, match="lacks \\(1.weight, 1.bias\\)"):
+        get_backend(small).apply(small, foreign)
+    assert all(p.requires_grad for p in small.parameters())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DistributedFreezeError
+from ..errors import BackendError, DistributedFreezeError
 from ..results import Plan, State
 from ..tree import Tree
 
@@ -109,20 +109,24 @@ def _reducer_params(ddp: nn.parallel.DistributedDataParallel, params: dict[str, 
     return current
 
 
-def check_ddp(model: nn.Module, decisions: Iterable[tuple[str, bool]]) -> None:
+def check_ddp(model: nn.Module, decisions: Iterable[tuple[str, bool]], kinds: Iterable[str] | None = None) -> None:
     """Refuse a trainable set that DDP's reducer, built at wrap time, cannot serve.
 
     Measured (torch 2.13, gloo): freezing a parameter DDP tracks works only with
     ``find_unused_parameters=True`` and no ``static_graph`` (else the next iteration
     fails); making trainable a parameter DDP does not track raises nothing but its
     gradients are never all-reduced, so the ranks drift apart silently.
-    ``decisions`` yields (path, trainable); it is only read for a wrapped model.
+    ``decisions`` yields (path, trainable); it is only read for a wrapped model. ``kinds``,
+    the class names of the modules under the wrappers, saves a walk when the caller has them.
     """
     if ddp_of(model) is None and "torch.distributed.fsdp" not in sys.modules:
         return  # nothing wrapped: the common case costs one attribute walk
+    if kinds is None:
+        kinds = (type(m).__name__ for m in unwrap(model).modules())
+    fsdp1 = type(model).__name__ == "FullyShardedDataParallel" or "FullyShardedDataParallel" in kinds
+    if not fsdp1 and ddp_of(model) is None:
+        return
     trainable = dict(decisions)
-    fsdp1 = any(
-        type(m).__name__ == "FullyShardedDataParallel" for m in (model, *unwrap(model).modules()))
     if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
         raise DistributedFreezeError(
             "this model holds FSDP1 FullyShardedDataParallel units, which flatten parameters at wrap time; "
@@ -165,7 +169,9 @@ class TorchBackend:
     param_level = True
 
     def __init__(self) -> None:
-        self._walks: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
+        # model -> (its Tree, the tensor of each parameter occurrence), from the last tree()
+        self._walks: weakref.WeakKeyDictionary[nn.Module, tuple[Tree, list[nn.Parameter]]] = (
+            weakref.WeakKeyDictionary())
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, nn.Module)
@@ -178,7 +184,7 @@ class TorchBackend:
         end, first, param_paths, numels = tree.end, tree.first, tree.param_paths, tree.numels
         trainable, param_keys, owner = tree.trainable, tree.param_keys, tree.owner
         norm_type = nn.modules.batchnorm._NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-        tensors: dict[str, nn.Parameter] = {}
+        tensors: list[nn.Parameter] = []
         parameter = nn.Parameter
 
         def build(path: str, module: nn.Module) -> None:
@@ -199,7 +205,7 @@ class TorchBackend:
                     trainable.append(p.requires_grad)
                     param_keys.append(id(p))
                     owner.append(i)
-                    tensors[name] = p
+                    tensors.append(p)
             for n, m in module._modules.items():
                 if m is not None:
                     build(prefix + n, m)
@@ -208,17 +214,21 @@ class TorchBackend:
         root = unwrap(model)
         build("", root)
         first.append(len(param_paths))
-        self._walks[root] = tensors  # ll.apply() calls tree() then apply(): walk the model once
+        self._walks[root] = (tree, tensors)  # ll.apply() calls tree() then apply(): walk the model once
         return tree
 
     def apply(self, model: nn.Module, plan: Plan) -> None:
         root = unwrap(model)
-        params = self._walks.pop(root, None)
-        if params is None or not all(path in params for path in plan.paths):
-            params = dict(root.named_parameters(remove_duplicate=False))
-        check_ddp(model, zip(plan.paths, plan.trainable_after))
-        for path, after in zip(plan.paths, plan.trainable_after):
-            p = params[path]
+        tree, tensors = self._walks.pop(root, (None, None))
+        if tree is None or tuple(tree.param_paths) != plan.paths:  # not this walk's plan, or tied tensors
+            by_path = dict(root.named_parameters(remove_duplicate=False))
+            missing = [path for path in plan.paths if path not in by_path]
+            if missing:
+                raise BackendError(f"the plan names parameters this model lacks ({', '.join(missing[:5])}); "
+                                   "make the plan with ll.plan() on this very model")
+            tensors = [by_path[path] for path in plan.paths]
+        check_ddp(model, zip(plan.paths, plan.trainable_after), tree.kinds if tree is not None else None)
+        for p, after in zip(tensors, plan.trainable_after):
             if p.requires_grad != after:
                 p.requires_grad_(after)
             if not after and p.grad is not None:
