@@ -16,12 +16,12 @@ import importlib.util
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import LayerlockError
-from .config import DEFAULT, FINE_TUNE, FRAMEWORKS, FROZEN_BASE, QUICK, Config
+from .config import DEFAULT, FINE_TUNE, FRAMEWORKS, FROZEN_BASE, QUICK
 
 def installed() -> list[str]:
     """Frameworks importable here, found without importing them.
