@@ -1,9 +1,9 @@
 """Keras helpers: ``import layerlock.keras`` (this imports keras).
 
-:func:`sync_optimizer` brings an optimizer of a custom training loop in step after an
-``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback that applies a :class:`~layerlock.Schedule`
-at the start of each epoch of ``fit``; the very next step trains the new set, and the
-optimizer keeps its state for variables that stay trainable.
+:func:`sync_optimizer` brings the optimizer of a custom training loop in step after an
+``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback that
+applies a :class:`~layerlock.Schedule` at the start of each epoch of ``fit``; the very next
+step trains the new set, and the optimizer keeps its state for variables that stay trainable.
 
 >>> import keras, layerlock as ll, layerlock.keras as llk
 >>> callback = llk.FreezeScheduler(ll.gradual(3), verbose=0)   # model.fit(..., callbacks=[callback])
