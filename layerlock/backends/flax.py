@@ -2,7 +2,7 @@
 inference-mode hold (``use_running_average`` / ``deterministic``) on held layers.
 
 Paths are the module graph's attribute names and list indices joined with ``.``
-(``encoder.layers.0.attn.query.kernel``); a list or dict of modules is a layer of kind
+(``encoder.layers.0.attn.query.kernel``), children in definition order; a list or dict of modules is a layer of kind
 ``List`` / ``Dict``, so ``ll.freeze(depth=2, within="layers")`` means ``layers[:2]``.
 
 The trainable flag: a frozen ``nnx.Param`` carries the metadata ``layerlock_frozen=True``
@@ -59,7 +59,12 @@ def TRAINABLE(path: tuple[Any, ...], value: Any) -> bool:  # noqa: N802 - an nnx
 def _items(node: Any) -> list[tuple[str, Any]] | None:
     """The named children of a graph node in attribute order, or None for a leaf."""
     if isinstance(node, nnx.Module):
-        return [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
+        # nnx.jit and nnx.merge rewrite a module's __dict__ in sorted order; the private
+        # ``_pytree__nodes`` mapping keeps the definition order (flax 0.12), so use it when present.
+        attrs = vars(node)
+        order = [k for k in getattr(node, "_pytree__nodes", ()) if k in attrs]
+        order += [k for k in attrs if k not in set(order)]
+        return [(k, attrs[k]) for k in order if not k.startswith("_pytree__")]
     if isinstance(node, (list, tuple, nnx.List)):
         return [(str(i), v) for i, v in enumerate(node)]
     if isinstance(node, (dict, nnx.Dict)):
