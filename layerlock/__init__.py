@@ -1,4 +1,4 @@
-"""layerlock: one API to freeze and unfreeze layers in PyTorch and Keras.
+"""layerlock: one API to freeze and unfreeze layers in PyTorch, Keras and JAX.
 
 >>> import layerlock as ll
 >>> spec = ll.freeze("backbone").unfreeze("backbone.layer4")   # the later rule wins
@@ -7,8 +7,8 @@ True
 
 Importing layerlock imports no framework, and its own modules load on first use (so
 ``import layerlock`` stays cheap); a backend loads when it first meets a model of its
-framework. ``layerlock.torch``, ``layerlock.keras`` and ``layerlock.lightning`` hold the
-training helpers.
+framework. ``layerlock.torch``, ``layerlock.keras``, ``layerlock.lightning``, ``layerlock.flax``
+(Flax NNX) and ``layerlock.jax`` (masks and optax for pytrees) hold the training helpers.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _API = {
 }
 _ERRORS = ["LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
            "LayerlockWarning"]
-_SUBMODULES = ("torch", "keras", "lightning", "backends")
+_SUBMODULES = ("torch", "keras", "lightning", "flax", "jax", "backends")
 
 __all__ = [*_API, *_ERRORS, "__version__"]
 

@@ -16,10 +16,10 @@ LAYERS = [
     {"results"},                                     # plain result values
     {"resolver"},                                    # the pure resolver
     {"backends"},                                    # protocol and registry
-    {"backends.torch", "backends.keras"},            # translation tables
+    {"backends.torch", "backends.keras", "backends.flax"},            # translation tables
     {"operations"},                                  # plan, apply, summary, state
     {"schedule"},
-    {"torch", "keras"},                              # helpers per framework
+    {"torch", "keras", "flax", "jax"},              # helpers per framework
     {"lightning", "demo.config", "demo.data", "demo.report"},
     {"demo.torch_run"},
     {"demo.keras_run"},

@@ -64,6 +64,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "keras": ("keras", "layerlock.backends.keras:KerasBackend"),
     "tf_keras": ("tf_keras", "layerlock.backends.keras:TfKerasBackend"),
     "torch": ("torch", "layerlock.backends.torch:TorchBackend"),
+    "flax": ("flax.nnx", "layerlock.backends.flax:NnxBackend"),
 }
 _registered: list[Backend] = []
 _loaded: dict[str, Backend] = {}
@@ -160,5 +161,5 @@ def get_backend(model: Any) -> Backend:
     extra = [b.name for b in _registered] + list(_entry_points())
     raise BackendError(
         f"no layerlock backend handles a {cls.__module__}.{cls.__qualname__}; installed backends: "
-        f"{state}{'; ' + ', '.join(extra) if extra else ''}. Pass a torch.nn.Module or a keras "
-        f"Model/Layer, or register a backend under the entry-point group {ENTRY_POINT_GROUP!r}.")
+        f"{state}{'; ' + ', '.join(extra) if extra else ''}. Pass a torch.nn.Module, a keras "
+        f"Model/Layer or a flax.nnx.Module, or register a backend under the entry-point group {ENTRY_POINT_GROUP!r}.")

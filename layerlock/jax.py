@@ -1,0 +1,188 @@
+"""Freezing for JAX pytrees: Equinox modules, Flax linen param dicts, plain dicts and lists
+of arrays. ``import layerlock.jax`` imports jax and optax. A pytree holds no trainable
+flag, so these functions take the spec and return values: a bool mask, a partition, or an
+optax transformation that leaves frozen leaves exactly where they are.
+
+Paths are the dict keys, attribute names (Equinox fields) and list indices from the root,
+joined with ``.`` (``params.Dense_0.kernel``, ``layers.1.weight``). Every container is a
+layer, so ``depth`` counts the root's entries. A layer's kind is an Equinox module's class
+name; for a dict entry named the way Flax linen names submodules (``Dense_0``), the name
+without its ``_<n>`` suffix (``Dense``); otherwise the container type (``dict``, ``list``).
+Every array leaf starts trainable; leaves that are not arrays (an Equinox module's
+activation function) are never trainable.
+
+>>> import jax.numpy as jnp, layerlock as ll, layerlock.jax as llj
+>>> params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}, "Dense_1": {"kernel": jnp.ones((2, 1))}}
+>>> llj.mask(params, ll.freeze(kind="Dense").unfreeze("Dense_1"))
+{'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'kernel': True}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from .errors import BackendError, SpecError
+from .resolver import resolve
+from .results import Plan
+from .spec import Spec
+from .tree import Node, Param
+
+__all__ = ["mask", "partition", "combine", "optimizer", "plan"]
+
+_LINEN_NAME = re.compile(r"(.+)_\d+")
+_ACCEPTED = ("an Equinox module, a Flax linen param dict, or a dict / list / tuple of arrays")
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _is_module(x: Any) -> bool:
+    # An Equinox module is a dataclass registered as a pytree; checked without importing equinox.
+    return dataclasses.is_dataclass(x) and not isinstance(x, type)
+
+
+def _kind(node: Any, name: str) -> str:
+    if _is_module(node):
+        return type(node).__name__
+    match = _LINEN_NAME.fullmatch(name) if isinstance(node, Mapping) else None
+    return match.group(1) if match else type(node).__name__
+
+
+def _children(node: Any) -> list[tuple[str, Any]] | None:
+    if isinstance(node, Mapping):
+        return [(str(k), v) for k, v in node.items()]
+    if isinstance(node, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(node)]
+    if _is_module(node):
+        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node) if hasattr(node, f.name)]
+    return None
+
+
+def _tree(tree: Any) -> Node:
+    """The pytree as a layerlock Node tree; refuses what is not a pytree of arrays."""
+    if _children(tree) is None:
+        what = f"an array of shape {tuple(tree.shape)}" if _is_array(tree) else type(tree).__name__
+        raise BackendError(f"layerlock.jax takes {_ACCEPTED}; received {what}. Wrap a single array in a "
+                           "dict ({'w': array}); pass a flax.nnx.Module to ll.apply instead")
+    count = [0]
+
+    def visit(path: str, name: str, node: Any) -> Node:
+        out = Node(path, _kind(node, name), key=id(node))
+        prefix = path + "." if path else ""
+        for k, v in _children(node) or ():
+            if _is_array(v):
+                out.params.append(Param(prefix + k, int(np.prod(v.shape)), True, count[0]))
+                count[0] += 1
+            elif _children(v) is not None:
+                out.children.append(visit(prefix + k, k, v))
+            elif v is not None and not _is_module(node) and not callable(v):
+                raise BackendError(f"leaf {prefix + k!r} is a {type(v).__name__} ({v!r:.40}), not an array; "
+                                   f"layerlock.jax takes {_ACCEPTED}. Convert it with jnp.asarray or drop it")
+        return out
+
+    root = visit("", "", tree)
+    if count[0] == 0:
+        raise BackendError(f"this {type(tree).__name__} holds no arrays; layerlock.jax takes {_ACCEPTED}")
+    return root
+
+
+def _path(keys: tuple[Any, ...]) -> str:
+    parts = []
+    for k in keys:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return ".".join(parts)
+
+
+def plan(tree: Any, spec: Spec, *, strict: bool = True) -> Plan:
+    """The :class:`~layerlock.Plan` of ``spec`` on a pytree (every array starts trainable).
+
+    >>> import jax.numpy as jnp, layerlock as ll
+    >>> plan({"a": jnp.ones(3), "b": jnp.ones(2)}, ll.freeze("a")).frozen
+    ('a',)
+    """
+    if not isinstance(spec, Spec):
+        raise SpecError(f"expected a layerlock Spec such as ll.freeze('encoder'); received {type(spec).__name__}")
+    return resolve(_tree(tree), spec, strict=strict, backend="jax")
+
+
+def _decisions(tree: Any, spec: Spec, strict: bool) -> dict[str, bool]:
+    result = plan(tree, spec, strict=strict)
+    return dict(zip(result.paths, result.trainable_after))
+
+
+def mask(tree: Any, spec: Spec, *, strict: bool = True) -> Any:
+    """A pytree of bools shaped like ``tree``: True where the leaf stays trainable (the
+    ``filter_spec`` of ``eqx.partition``, the ``mask`` of ``optax.masked``).
+
+    >>> import jax.numpy as jnp, layerlock as ll
+    >>> mask([jnp.ones(2), jnp.ones(3)], ll.freeze("0"))
+    [False, True]
+    """
+    decided = _decisions(tree, spec, strict)
+    return jax.tree_util.tree_map_with_path(lambda k, x: decided.get(_path(k), False), tree)
+
+
+def partition(tree: Any, spec: Spec, *, strict: bool = True) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: two pytrees shaped like ``tree``, each with None where the
+    other has the leaf (Equinox style); :func:`combine` puts them back together.
+
+    >>> import jax.numpy as jnp, layerlock as ll
+    >>> train, frozen = partition({"a": jnp.ones(1), "b": jnp.zeros(1)}, ll.freeze("a"))
+    >>> train["a"] is None, frozen["b"] is None
+    (True, True)
+    """
+    m = mask(tree, spec, strict=strict)
+    return (jax.tree.map(lambda x, keep: x if keep else None, tree, m),
+            jax.tree.map(lambda x, keep: None if keep else x, tree, m))
+
+
+def combine(*trees: Any) -> Any:
+    """Merge pytrees that have None where another has the leaf (inverse of :func:`partition`).
+
+    >>> combine({"a": None, "b": 2}, {"a": 1, "b": None})
+    {'a': 1, 'b': 2}
+    """
+    def pick(*leaves: Any) -> Any:
+        return next((x for x in leaves if x is not None), None)
+
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
+
+
+def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
+              strict: bool = True) -> optax.GradientTransformation:
+    """``tx`` for the trainable leaves and a zero update for the frozen ones, so frozen
+    leaves stay bit-identical (weight decay included) and get no optimizer state (no Adam
+    moments). Init it with the same pytree, or its array part (``eqx.filter(model,
+    eqx.is_array)``); leaves are matched by path.
+
+    >>> import jax.numpy as jnp, optax, layerlock as ll
+    >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    >>> tx = optimizer(optax.adam(0.1), params, ll.freeze("a"))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["a"].tolist()
+    [0.0, 0.0, 0.0]
+    """
+    decided = _decisions(tree, spec, strict)
+
+    def labels(params: Any) -> Any:
+        def label(keys: tuple[Any, ...], _: Any) -> str:
+            path = _path(keys)
+            if path not in decided:
+                raise SpecError(f"this layerlock.jax.optimizer was built for a tree without the leaf {path!r}; "
+                                "build it with the pytree you train")
+            return "trainable" if decided[path] else "frozen"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,237 @@
+"""JAX: the Flax NNX backend (real nnx.jit training steps) and the functional pytree API
+(Equinox, linen-style param dicts) with optax. Tiny models, CPU, a few steps each."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+
+import layerlock as ll  # noqa: E402
+import layerlock.flax as llf  # noqa: E402
+import layerlock.jax as llj  # noqa: E402
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.backbone = nnx.Sequential(nnx.Conv(1, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs))
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.backbone(x)).mean((1, 2))
+        return self.head(self.drop(x))
+
+
+def batch(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (8, 6, 6, 1)), jax.random.normal(k2, (8, 2))
+
+
+@nnx.jit
+def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+        return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, llf.trainable))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def values(tree):
+    return [np.asarray(x).copy() for x in jax.tree.leaves(tree)]
+
+
+def array_leaves(state):
+    return [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
+
+
+@pytest.fixture
+def net():
+    model = Net(nnx.Rngs(0))
+    model.train()
+    return model
+
+
+def test_frozen_backbone_is_bit_identical_after_jitted_adamw_and_bn_stats_stay(net):
+    plan = ll.apply(net, ll.freeze("backbone"))
+    assert plan.held == ("backbone.layers.1",)
+    opt = nnx.Optimizer(net, optax.adamw(1e-2, weight_decay=0.5), wrt=llf.trainable)
+    frozen, stats = ll.fingerprint(net, "frozen"), values(nnx.state(net.backbone, nnx.BatchStat))
+    head = values(nnx.state(net.head))
+    for step in range(3):
+        train_step(net, opt, *batch(step))
+    assert ll.fingerprint(net, "frozen") == frozen
+    assert all(np.array_equal(a, b) for a, b in zip(values(nnx.state(net.backbone, nnx.BatchStat)), stats))
+    assert not any(np.array_equal(a, b) for a, b in zip(values(nnx.state(net.head)), head))
+    # the optimizer holds Adam moments for the head only (kernel and bias, mu and nu)
+    assert len(array_leaves(opt.opt_state)) == 4
+
+
+def test_unfreeze_between_jitted_steps_trains_backbone_and_keeps_adam_state(net):
+    ll.apply(net, ll.freeze("backbone"))
+    opt = nnx.Optimizer(net, optax.adam(1e-2), wrt=llf.trainable)
+    train_step(net, opt, *batch(0))
+    kept = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(opt.opt_state))}
+    ll.apply(net, ll.unfreeze())
+    assert not net.backbone.layers[1].use_running_average  # hold released to the train() mode
+    added = llf.sync_optimizer(opt, net)
+    assert added == ["backbone.layers.0.kernel", "backbone.layers.0.bias",
+                     "backbone.layers.1.scale", "backbone.layers.1.bias"]
+    now = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(opt.opt_state))}
+    assert kept and all(np.array_equal(now[k], v) for k, v in kept.items())  # moments and count kept
+    before = ll.fingerprint(net.backbone, "all")
+    train_step(net, opt, *batch(1))
+    assert ll.fingerprint(net.backbone, "all") != before
+    assert int(opt.step[...]) == 2
+
+
+def test_freezing_after_a_step_shrinks_the_optimizer_and_stops_the_weights(net):
+    opt = nnx.Optimizer(net, optax.adamw(1e-2, weight_decay=0.5), wrt=llf.trainable)
+    train_step(net, opt, *batch(0))
+    ll.apply(net, ll.freeze("head"))
+    assert llf.sync_optimizer(opt, net) == []
+    assert len(array_leaves(opt.opt_state)) == 8  # backbone conv + bn params, mu and nu
+    head = ll.fingerprint(net.head, "all")
+    train_step(net, opt, *batch(1))
+    assert ll.fingerprint(net.head, "all") == head
+
+
+def test_trainable_flag_survives_split_merge_and_the_filter_selects_exactly_it(net):
+    ll.apply(net, ll.freeze("backbone").unfreeze("*.bias"))
+    graphdef, state = nnx.split(net)
+    copy = nnx.merge(graphdef, state)
+    paths = sorted(".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(copy, llf.trainable)))
+    assert paths == sorted(ll.plan(net, ll.Spec()).trainable)
+    assert paths == ["backbone.layers.0.bias", "backbone.layers.1.bias", "head.bias", "head.kernel"]
+
+
+def test_held_batchnorm_stays_in_inference_mode_through_train_and_restore_is_exact(net):
+    state = ll.snapshot(net)
+    with ll.frozen(net, ll.freeze("backbone"), frozen_mode="eval"):
+        net.train()
+        assert net.backbone.layers[1].use_running_average
+        net.eval()
+        net.train()
+        assert net.backbone.layers[1].use_running_average and not net.drop.deterministic
+    assert ll.snapshot(net) == state
+    assert not net.backbone.layers[1].use_running_average
+
+
+def test_bn_policies_set_use_running_average(net):
+    ll.apply(net, ll.freeze(), bn="trainable")
+    assert llf.is_trainable(net.backbone.layers[1].scale) and not net.backbone.layers[1].use_running_average
+    ll.apply(net, ll.unfreeze(), bn="frozen")
+    assert not llf.is_trainable(net.backbone.layers[1].scale) and net.backbone.layers[1].use_running_average
+
+
+def test_depth_counts_the_items_of_a_list_of_layers(net):
+    assert ll.plan(net, ll.freeze(depth=1, within="backbone.layers")).frozen == (
+        "backbone.layers.0.kernel", "backbone.layers.0.bias")
+    assert ll.plan(net, ll.freeze(depth=1)).frozen == ll.plan(net, ll.freeze("backbone")).frozen
+
+
+def test_a_pattern_matching_nothing_raises_and_changes_nothing(net):
+    state = ll.snapshot(net)
+    with pytest.raises(ll.NoMatchError, match="backbone"):
+        ll.apply(net, ll.freeze("backbone").unfreeze("bakcbone.layers.0"))
+    assert ll.snapshot(net) == state
+
+
+def test_freeze_scheduler_moves_an_nnx_model_through_phases(net):
+    opt = nnx.Optimizer(net, optax.adam(1e-2), wrt=llf.trainable)
+    logs = []
+    fs = llf.FreezeScheduler(ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze()}), net, opt, log=logs.append)
+    fs.step(0)
+    train_step(net, opt, *batch(0))
+    fs.step(1)
+    train_step(net, opt, *batch(1))
+    assert fs.phase == 1 and "optimizer +4 tensors" in logs[-1]
+
+
+# The functional API: Equinox modules and linen-style param dicts.
+
+def linen_params():
+    k = jax.random.split(jax.random.key(0), 3)
+    return {"params": {"Dense_0": {"kernel": jax.random.normal(k[0], (3, 4)), "bias": jnp.zeros(4)},
+                       "BatchNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+                       "Dense_1": {"kernel": jax.random.normal(k[1], (4, 1)), "bias": jnp.zeros(1)}}}
+
+
+def test_linen_dict_frozen_leaves_are_bit_identical_under_adamw_and_have_no_state():
+    params = linen_params()
+    spec = ll.freeze(depth=2, within="params")
+    tx = llj.optimizer(optax.adamw(1e-2, weight_decay=0.5), params, spec)
+    state = tx.init(params)
+    assert len(array_leaves(state)) == 4  # Dense_1 kernel and bias, mu and nu
+
+    @jax.jit
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.sum((x @ p["params"]["Dense_0"]["kernel"] @ p["params"]["Dense_1"]["kernel"]
+                                            + p["params"]["BatchNorm_0"]["bias"].sum()) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    new = params
+    for i in range(3):
+        new, state = step(new, state, jax.random.normal(jax.random.key(i), (5, 3)))
+    trainable = llj.mask(params, spec)
+    for old, now, keep in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(trainable)):
+        assert keep or np.array_equal(old, now)
+    assert not np.array_equal(params["params"]["Dense_1"]["kernel"], new["params"]["Dense_1"]["kernel"])
+
+
+def test_linen_kinds_come_from_the_module_names():
+    assert llj.plan(linen_params(), ll.freeze(kind="Dense")).frozen == (
+        "params.Dense_0.kernel", "params.Dense_0.bias", "params.Dense_1.kernel", "params.Dense_1.bias")
+
+
+def test_equinox_mlp_trains_only_the_last_layer_and_partition_combines_back():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(2, 1, 8, depth=2, key=jax.random.key(0))
+    spec = ll.freeze("layers").unfreeze("layers.2")
+    tx = llj.optimizer(optax.adamw(1e-2, weight_decay=0.5), model, spec)
+    state = tx.init(eqx.filter(model, eqx.is_array))
+    assert len(array_leaves(state)) == 4
+
+    @eqx.filter_jit
+    def step(model, state, x, y):
+        grads = eqx.filter_grad(lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2))(model)
+        updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), state
+
+    x, y = batch(0)[1], jnp.ones((8, 1))
+    new = model
+    for _ in range(3):
+        new, state = step(new, state, x, y)
+    assert np.array_equal(new.layers[0].weight, model.layers[0].weight)
+    assert np.array_equal(new.layers[1].bias, model.layers[1].bias)
+    assert not np.array_equal(new.layers[2].weight, model.layers[2].weight)
+    trainable, frozen = llj.partition(model, spec)
+    assert trainable.layers[0].weight is None and frozen.layers[2].weight is None
+    assert eqx.tree_equal(llj.combine(trainable, frozen), model)
+    assert eqx.tree_equal(eqx.combine(*eqx.partition(model, llj.mask(model, spec))), model)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (jnp.ones(3), "received an array of shape \\(3,\\)"),
+    ("weights", "received str"),
+    ({"w": jnp.ones(2), "lr": "fast"}, "leaf 'lr' is a str"),
+    ({"w": None}, "holds no arrays"),
+])
+def test_a_non_pytree_of_arrays_is_refused_with_what_was_received(bad, message):
+    with pytest.raises(ll.BackendError, match=message):
+        llj.mask(bad, ll.freeze())
+
+
+def test_a_pattern_matching_no_leaf_raises_no_match():
+    with pytest.raises(ll.NoMatchError, match="Dense_9"):
+        llj.mask(linen_params(), ll.freeze("params.Dense_9"))
+
+
+def test_a_pytree_is_not_a_model_for_apply():
+    with pytest.raises(ll.BackendError, match="flax.nnx.Module"):
+        ll.apply({"w": jnp.ones(2)}, ll.freeze())
