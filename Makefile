@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
-TEST_DEPS := tensorflow-cpu transformers lightning
+TEST_DEPS := tensorflow-cpu transformers lightning equinox
 
 .PHONY: test install demo bench bench-quick docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,torch,keras,yaml]" $(TEST_DEPS)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,torch,keras,jax,yaml]" $(TEST_DEPS)
 	# tf_keras (legacy Keras 2) asks for the `tensorflow` wheel; tensorflow-cpu provides the same module.
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt tf_keras
 	touch $@
