@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -170,8 +171,8 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
     >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
     >>> tx = optimizer(optax.adam(0.1), params, ll.freeze("a"))
     >>> updates, _ = tx.update(params, tx.init(params), params)
-    >>> updates["a"].tolist()
-    [0.0, 0.0, 0.0]
+    >>> updates["a"].tolist()   # -0.0: adding it leaves every value bit-identical
+    [-0.0, -0.0, -0.0]
     """
     decided = _decisions(tree, spec, strict)
 
@@ -185,4 +186,10 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
 
         return jax.tree_util.tree_map_with_path(label, params)
 
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"trainable": tx, "frozen": _identity_update()}, labels)
+
+
+def _identity_update() -> optax.GradientTransformation:
+    """Updates of -0.0, not optax.set_to_zero's +0.0: ``apply_updates`` adds them, and
+    ``x + -0.0`` is ``x`` bit for bit for every x (``-0.0 + 0.0`` would be ``+0.0``)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates))
