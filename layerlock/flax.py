@@ -22,7 +22,7 @@ optimizer state to the new set and keeps the state of parameters that stay train
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from .backends.flax import TRAINABLE, NnxBackend, is_trainable
-from .errors import SpecError
+from .errors import LayerlockError, SpecError
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, PhaseStepper, Schedule
@@ -101,6 +101,8 @@ class FreezeScheduler:
     the start of each epoch; on a phase change it applies the spec, syncs the optimizer (so
     the next ``nnx.jit`` step trains the new set) and logs one line. A phase's ``lr`` is not
     applied: optax rates live in the transformation (use ``optax.inject_hyperparams``).
+    To resume, call ``load_state_dict`` before restoring the optimizer state
+    (``nnx.update(optimizer, saved)``): it replays the phases, so the state has the saved layout.
 
     >>> import optax, layerlock as ll
     >>> from flax import nnx
@@ -116,6 +118,7 @@ class FreezeScheduler:
                  log: Callable[[str], None] | None = print) -> None:
         self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
         self.schedule, self.model, self.optimizer, self.log = schedule, model, optimizer, log
+        self.epoch = -1
         self.stepper.check(model)
 
     @property
@@ -125,12 +128,23 @@ class FreezeScheduler:
 
     def step(self, epoch: int) -> Plan | None:
         """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
+        self.epoch = epoch
         change = self.stepper.step(self.model, epoch, self._sync)
         if change is None:
             return None
         if self.log is not None:
             self.log(change.message)
         return change.plan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the phase, replaying the phases so the optimizer state has the saved layout."""
+        if Schedule.from_dict(state["schedule"]) != self.schedule:
+            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
+        self.stepper.replay(self.model, state["phase"], self._sync)
+        self.epoch = state["epoch"]
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

@@ -238,3 +238,10 @@ class PhaseStepper:
                    f"{count(result.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {note}" if note else ""))
         return Transition(at, index, result, message)
 
+    def replay(self, model: Any, phase: int, sync: Callable[[Phase, Plan], str] | None = None) -> None:
+        """Step silently through the phases up to index ``phase``, as the interrupted run
+        did, so a resumed run has the same trainable set and optimizer layout before its
+        optimizer state is loaded."""
+        for p in self.schedule.phases[: phase + 1]:
+            self.step(model, p.epoch, sync)
+

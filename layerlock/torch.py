@@ -329,10 +329,5 @@ class FreezeScheduler:
                                  "(parameter paths or shapes differ); load it into the same architecture")
         if Schedule.from_dict(state["schedule"]) != self.schedule:
             raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
-        log, self.log = self.log, None
-        try:
-            for phase in self.schedule.phases[: state["phase"] + 1]:
-                self.step(phase.epoch)
-        finally:
-            self.log = log
+        self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]

@@ -1,6 +1,8 @@
 """JAX: the Flax NNX backend (real nnx.jit training steps) and the functional pytree API
 (Equinox, linen-style param dicts) with optax. Tiny models, CPU, a few steps each."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -236,3 +238,36 @@ def test_a_pattern_matching_no_leaf_raises_no_match():
 def test_a_pytree_is_not_a_model_for_apply():
     with pytest.raises(ll.BackendError, match="flax.nnx.Module"):
         ll.apply({"w": jnp.ones(2)}, ll.freeze())
+
+
+def test_a_resumed_nnx_schedule_ends_bit_identical_to_an_uninterrupted_run():
+    schedule = ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze("backbone")})
+
+    def start():
+        model = Net(nnx.Rngs(0))
+        model.train()
+        opt = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.1), wrt=llf.trainable)
+        return model, opt, llf.FreezeScheduler(schedule, model, opt, log=None)
+
+    def epoch(model, opt, fs, e):
+        fs.step(e)
+        for s in range(2):
+            train_step(model, opt, *batch(10 * e + s))
+
+    model, opt, fs = start()
+    for e in range(3):
+        epoch(model, opt, fs, e)
+    uninterrupted = values(nnx.state(model, nnx.Param))
+
+    model, opt, fs = start()
+    epoch(model, opt, fs, 0)            # interrupted inside the frozen phase
+    saved = copy.deepcopy((nnx.state(model), nnx.state(opt), fs.state_dict()))  # the checkpoint
+
+    model, opt, fs = start()            # a fresh process: same code, then the checkpoint
+    fs.load_state_dict(saved[2])
+    assert fs.phase == 0 and not llf.is_trainable(model.backbone.layers[0].kernel)  # before any state loads
+    nnx.update(model, saved[0])
+    nnx.update(opt, saved[1])
+    for e in (1, 2):
+        epoch(model, opt, fs, e)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(uninterrupted, values(nnx.state(model, nnx.Param))))
