@@ -35,7 +35,7 @@ from .results import Plan
 from .spec import Spec
 from .tree import Node, Param
 
-__all__ = ["mask", "partition", "combine", "optimizer", "plan"]
+__all__ = ["mask", "partition", "combine", "optimizer", "carry_state", "plan"]
 
 _LINEN_NAME = re.compile(r"(.+)_\d+")
 _ACCEPTED = ("an Equinox module, a Flax linen param dict, or a dict / list / tuple of arrays")
@@ -193,3 +193,27 @@ def _identity_update() -> optax.GradientTransformation:
     """Updates of -0.0, not optax.set_to_zero's +0.0: ``apply_updates`` adds them, and
     ``x + -0.0`` is ``x`` bit for bit for every x (``-0.0 + 0.0`` would be ``+0.0``)."""
     return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates))
+
+
+def carry_state(new_state: Any, old_state: Any) -> Any:
+    """``new_state`` (an optimizer state made by ``tx.init`` for a new trainable set) with
+    every leaf that ``old_state`` has at the same path and shape carried over: the moments
+    of the leaves that stayed trainable, and the step count. Use it at a phase change.
+
+    >>> import jax.numpy as jnp, optax, layerlock as ll
+    >>> tx = optax.adam(0.1)
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    >>> head, _ = partition(params, ll.freeze("a"))
+    >>> state = tx.init(head)
+    >>> _, state = tx.update({"a": None, "b": jnp.ones(3)}, state, head)
+    >>> state = carry_state(tx.init(params), state)     # phase 2: "a" joins, "b" keeps its moments
+    >>> state[0].mu["b"].tolist(), state[0].mu["a"].tolist(), int(state[0].count)
+    ([0.1..., 0.1..., 0.1...], [0.0, 0.0], 1)
+    """
+    old = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(old_state)[0]}
+
+    def carry(path: tuple[Any, ...], leaf: Any) -> Any:
+        kept = old.get(path)
+        return kept if kept is not None and np.shape(kept) == np.shape(leaf) else leaf
+
+    return jax.tree_util.tree_map_with_path(carry, new_state)

@@ -1,4 +1,5 @@
-"""The JAX page's and the README's JAX code blocks run as written."""
+"""The JAX page's and the README's JAX code blocks run as written, each page's blocks in
+order in one namespace (a later block may use what an earlier one made)."""
 
 import re
 from pathlib import Path
@@ -12,9 +13,12 @@ def python_blocks(path: Path, containing: str = "") -> list[str]:
     return [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), re.S) if containing in b]
 
 
-@pytest.mark.parametrize("block", python_blocks(ROOT / "docs" / "jax.md") + python_blocks(ROOT / "README.md", "flax"))
-def test_jax_examples_run(block, capsys):
+@pytest.mark.parametrize("blocks", [python_blocks(ROOT / "docs" / "jax.md"), python_blocks(ROOT / "README.md", "flax")],
+                         ids=["docs/jax.md", "README.md"])
+def test_jax_examples_run(blocks, capsys):
     pytest.importorskip("flax")
-    if "equinox" in block:
+    if any("equinox" in b for b in blocks):
         pytest.importorskip("equinox")
-    exec(compile(block, "<docs>", "exec"), {})
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "<docs>", "exec"), namespace)

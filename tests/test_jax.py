@@ -271,3 +271,45 @@ def test_a_resumed_nnx_schedule_ends_bit_identical_to_an_uninterrupted_run():
     for e in (1, 2):
         epoch(model, opt, fs, e)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(uninterrupted, values(nnx.state(model, nnx.Param))))
+
+
+def test_a_pytree_schedule_keeps_moments_across_a_phase_change_and_resumes_exactly():
+    schedule = ll.Schedule({0: ll.freeze().unfreeze("head"), 2: ll.unfreeze("body")})
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    start = {"body": {"w": jax.random.normal(k1, (3, 4))}, "head": {"w": jax.random.normal(k2, (4, 1))}}
+
+    @jax.jit
+    def step(trainable, frozen, state, x):
+        def loss(trainable):
+            p = llj.combine(trainable, frozen)
+            return jnp.mean((x @ p["body"]["w"] @ p["head"]["w"]) ** 2)
+        updates, state = tx.update(jax.grad(loss)(trainable), state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    def run(params, state, epochs, phase=-1):
+        moments = {}
+        for e in epochs:
+            index = schedule.phase_index(e)
+            if index != phase:  # a phase change: new partition, state carried over
+                trainable, frozen = llj.partition(params, schedule.spec_at(e))
+                fresh = tx.init(trainable)
+                state = fresh if state is None else llj.carry_state(fresh, state)
+                phase = index
+                moments[e] = np.asarray(state[0].mu["head"]["w"]).copy()
+            for s in range(2):
+                trainable, state = step(trainable, frozen, state, jnp.ones((5, 3)) * (e + s + 1))
+            params = llj.combine(trainable, frozen)
+            moments[f"end{e}"] = np.asarray(state[0].mu["head"]["w"]).copy()
+        return params, state, moments
+
+    params, state, moments = run(start, None, range(4))
+    assert np.array_equal(moments[2], moments["end1"])          # head's Adam moments kept at the change
+    assert int(state[0].count) == 8                              # one step count throughout
+    first, _, _ = run(start, None, range(2))
+    assert np.array_equal(first["body"]["w"], start["body"]["w"])  # frozen in phase 1, bit-identical
+    assert not np.array_equal(params["body"]["w"], start["body"]["w"])  # trains after the change
+
+    saved_params, saved_state, _ = run(start, None, range(3))    # interrupted after epoch 2 (phase 2)
+    resumed, _, _ = run(saved_params, saved_state, [3], phase=-1)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(values(resumed), values(params)))
