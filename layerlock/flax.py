@@ -22,7 +22,7 @@ optimizer state to the new set and keeps the state of parameters that stay train
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 
 from .backends.flax import TRAINABLE, NnxBackend, is_trainable
-from .errors import LayerlockError, SpecError
+from .errors import SpecError
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, PhaseStepper, Schedule
+from .schedule import LoopScheduler, Phase, Schedule
 
 __all__ = ["trainable", "is_trainable", "sync_optimizer", "FreezeScheduler", "NnxBackend"]
 
@@ -96,7 +96,7 @@ def sync_optimizer(optimizer: nnx.Optimizer, model: nnx.Module) -> list[str]:
     return added
 
 
-class FreezeScheduler:
+class FreezeScheduler(LoopScheduler):
     """Apply a :class:`~layerlock.Schedule` in an NNX training loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, syncs the optimizer (so
     the next ``nnx.jit`` step trains the new set) and logs one line. A phase's ``lr`` is not
@@ -116,35 +116,8 @@ class FreezeScheduler:
     def __init__(self, schedule: Schedule, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
                  strict: bool = True, bn: BnPolicy = "follow", frozen_mode: str | None = None,
                  log: Callable[[str], None] | None = print) -> None:
-        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
-        self.schedule, self.model, self.optimizer, self.log = schedule, model, optimizer, log
-        self.epoch = -1
-        self.stepper.check(model)
-
-    @property
-    def phase(self) -> int:
-        """Index of the phase in force (-1 before the first)."""
-        return self.stepper.phase
-
-    def step(self, epoch: int) -> Plan | None:
-        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
-        self.epoch = epoch
-        change = self.stepper.step(self.model, epoch, self._sync)
-        if change is None:
-            return None
-        if self.log is not None:
-            self.log(change.message)
-        return change.plan
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the phase, replaying the phases so the optimizer state has the saved layout."""
-        if Schedule.from_dict(state["schedule"]) != self.schedule:
-            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
-        self.stepper.replay(self.model, state["phase"], self._sync)
-        self.epoch = state["epoch"]
+        super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
+        self.optimizer = optimizer
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ._format import count
-from .errors import SpecError
+from .errors import LayerlockError, SpecError
 from .operations import apply, plan
 from .resolver import BnPolicy, check_options
 from .results import Plan
@@ -145,6 +145,57 @@ class Schedule:
 
     def save(self, path: str | Path) -> None:
         dump_data(self.to_dict(), path)
+
+
+class LoopScheduler:
+    """What a freeze scheduler for a plain training loop does in every framework: call
+    ``step(epoch)`` at the start of each epoch; on a phase change it applies the spec, calls
+    the framework's ``_sync(phase, plan)`` (optimizer housekeeping, a note for the log) and
+    logs one line. Every phase is checked when it is built. ``state_dict`` /
+    ``load_state_dict`` resume: call ``load_state_dict`` before restoring the optimizer, it
+    replays the phases so the optimizer has the interrupted run's layout.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> loop = LoopScheduler(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}), net, log=None)
+    >>> _ = loop.step(0); net[0].weight.requires_grad, loop.phase
+    (False, 0)
+    """
+
+    def __init__(self, schedule: Schedule, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
+                 frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
+        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
+        self.schedule, self.model, self.log = schedule, model, log
+        self.epoch = -1
+        self.stepper.check(model)
+
+    @property
+    def phase(self) -> int:
+        """Index of the phase in force (-1 before the first)."""
+        return self.stepper.phase
+
+    def step(self, epoch: int) -> Plan | None:
+        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
+        self.epoch = epoch
+        change = self.stepper.step(self.model, epoch, self._sync)
+        if change is None:
+            return None
+        if self.log is not None:
+            self.log(change.message)
+        return change.plan
+
+    def _sync(self, phase: Phase, plan: Plan) -> str:
+        return ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the phase, replaying the phases so the optimizer matches the saved run."""
+        if Schedule.from_dict(state["schedule"]) != self.schedule:
+            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
+        self.stepper.replay(self.model, state["phase"], self._sync)
+        self.epoch = state["epoch"]
 
 
 def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str | Sequence[str] = (),

@@ -24,7 +24,7 @@ from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, Sp
 from .operations import apply
 from .resolver import BnPolicy, blocks, select
 from .results import Plan
-from .schedule import Phase, PhaseStepper, Schedule
+from .schedule import LoopScheduler, Phase, Schedule
 from .spec import Spec
 from .tree import Tree
 
@@ -267,7 +267,7 @@ def _warn_recompiles(schedule: Schedule, model: torch.nn.Module) -> None:
             LayerlockWarning, stacklevel=3)
 
 
-class FreezeScheduler:
+class FreezeScheduler(LoopScheduler):
     """Apply a :class:`~layerlock.Schedule` in a plain PyTorch loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, adds newly trainable
     parameters to the optimizer (at the phase's ``lr``) and logs one line.
@@ -288,27 +288,9 @@ class FreezeScheduler:
     def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
-        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
-        self.schedule, self.model, self.optimizer, self.scheduler = schedule, model, optimizer, scheduler
-        self.log = log
-        self.epoch = -1
-        self.stepper.check(model)
+        super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
+        self.optimizer, self.scheduler = optimizer, scheduler
         _warn_recompiles(schedule, model)
-
-    @property
-    def phase(self) -> int:
-        """Index of the phase in force (-1 before the first)."""
-        return self.stepper.phase
-
-    def step(self, epoch: int) -> Plan | None:
-        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
-        self.epoch = epoch
-        change = self.stepper.step(self.model, epoch, self._sync)
-        if change is None:
-            return None
-        if self.log is not None:
-            self.log(change.message)
-        return change.plan
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:
@@ -319,15 +301,11 @@ class FreezeScheduler:
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "phase": self.phase, "structure": structure_fingerprint(self.model),
-                "schedule": self.schedule.to_dict()}
+        return {**super().state_dict(), "structure": structure_fingerprint(self.model)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the phase (replaying phases so optimizer groups match the saved run)."""
         if structure_fingerprint(self.model) != state.get("structure"):
             raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
                                  "(parameter paths or shapes differ); load it into the same architecture")
-        if Schedule.from_dict(state["schedule"]) != self.schedule:
-            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
-        self.stepper.replay(self.model, state["phase"], self._sync)
-        self.epoch = state["epoch"]
+        super().load_state_dict(state)
