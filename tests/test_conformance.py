@@ -399,3 +399,45 @@ def test_snapshot_restore_is_exact_everywhere(models):
     assert ll.snapshot(m.model) != state
     ll.restore(m.model, state)
     assert ll.snapshot(m.model) == state
+
+
+def _sequentials():
+    """Three Linear layers in each framework's Sequential; {name: (model, plan function)}."""
+    out = {}
+    if _found("torch"):
+        from torch import nn
+
+        out["torch"] = (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1)), ll.plan)
+    if _found("jax", "flax"):
+        from flax import nnx
+
+        r = nnx.Rngs(0)
+        out["flax"] = (nnx.Sequential(nnx.Linear(2, 3, rngs=r), nnx.Linear(3, 3, rngs=r), nnx.Linear(3, 1, rngs=r)),
+                       ll.plan)
+    if _found("jax", "equinox", "optax"):
+        import equinox as eqx
+        import jax
+        import layerlock.jax as llj
+
+        k = jax.random.split(jax.random.key(0), 3)
+        out["equinox"] = (eqx.nn.Sequential([eqx.nn.Linear(2, 3, key=k[0]), eqx.nn.Linear(3, 3, key=k[1]),
+                                             eqx.nn.Linear(3, 1, key=k[2])]), llj.plan)
+    return out
+
+
+def test_sequential_depth_needs_within_layers_in_nnx_and_equinox():
+    """torch's Sequential has the blocks as children (``0``, ``1``, ...); nnx.Sequential and
+    eqx.nn.Sequential have one child, ``layers``, with the blocks under it (``layers.0``)."""
+    seqs = _sequentials()
+    if "torch" not in seqs or len(seqs) < 2:
+        pytest.skip("needs torch and flax or equinox")
+    torch_model, _ = seqs.pop("torch")
+    reference = ll.plan(torch_model, ll.freeze(depth=2))
+    assert frozen_layers(reference) == ["0", "1"]
+    for name, (model, plan) in seqs.items():
+        same = plan(model, ll.freeze(depth=2, within="layers"))
+        assert frozen_layers(same) == ["layers.0", "layers.1"], name
+        assert same.frozen_scalars == reference.frozen_scalars, name
+        with pytest.raises(ll.SpecError, match="has 1 blocks"):  # the root's only block is `layers`
+            plan(model, ll.freeze(depth=2))
+        assert plan(model, ll.freeze(depth=1)).trainable == ()  # depth=1 is everything
