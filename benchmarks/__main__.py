@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--device cpu|cuda|auto] [--only torch,keras-tf,...]``
+"""``python -m benchmarks [--quick] [--device cpu|cuda|auto] [--only torch,keras-tf,jax,...]``
 
 Each framework runs in its own subprocess (``benchmarks.worker``); this process only
 orchestrates, shows progress, writes the JSON and regenerates the docs.
@@ -23,7 +23,8 @@ from .worker import KERAS_SUITES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("torch", "keras-tf", "keras-torch", "apply", "import")
+STEP_SUITES = ("torch", "keras-tf", "keras-torch", "jax")
+SECTIONS = (*STEP_SUITES, "apply", "import")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
 IMPORT_REPS = {True: 10, False: 40}
@@ -38,6 +39,8 @@ def worker_env(suite: str, device: str) -> dict[str, str]:
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if suite in KERAS_SUITES:
         e["KERAS_BACKEND"] = KERAS_SUITES[suite]
+    if suite == "jax" and device == "cpu":
+        e["JAX_PLATFORMS"] = "cpu"
     if device == "cpu":
         e["CUDA_VISIBLE_DEVICES"] = ""  # Keras on torch would otherwise take a GPU by itself
     return e
@@ -72,7 +75,8 @@ def framework_missing(suite: str) -> str | None:
     """Why a suite cannot run here (e.g. no TensorFlow on the GPU machine), or None."""
     import importlib.util
 
-    needs = {"torch": ["torch"], "keras-tf": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"]}
+    needs = {"torch": ["torch"], "keras-tf": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"],
+             "jax": ["jax", "flax", "optax"]}
     missing = [m for m in needs[suite] if importlib.util.find_spec(m) is None]
     return f"{', '.join(missing)} not installed" if missing else None
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "versions": env.versions(), "threads": args.threads,
                  "omp_wait_policy": worker_env("torch", device)["OMP_WAIT_POLICY"]},
         "steps": {}, "memory": {}, "apply": {}, "import": {}, "skipped": {}}
-    suites = [s for s in ("torch", "keras-tf", "keras-torch") if s in args.only]
+    suites = [s for s in STEP_SUITES if s in args.only]
     elapsed = results["meta"]["elapsed_s"] = {}
     clock = time.perf_counter()
 

@@ -32,6 +32,7 @@ def versions() -> dict[str, str | None]:
     tf = _version("tensorflow") or _version("tensorflow-cpu")
     return {"python": platform.python_version(), "torch": _version("torch"), "tensorflow": tf,
             "keras": _version("keras"), "transformers": _version("transformers"),
+            "jax": _version("jax"), "flax": _version("flax"), "optax": _version("optax"),
             "layerlock": _version("layerlock")}
 
 

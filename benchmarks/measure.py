@@ -17,7 +17,8 @@ from typing import Any
 
 Step = Callable[[], Any]
 
-# One training mode per key; every backend builds the same five.
+# One training mode per key; torch and Keras build these five (Keras adds `features`,
+# JAX has its own four: full, layerlock, mask, limit).
 MODES = ("full", "layerlock", "hand", "limit", "layerlock_eval")
 
 
@@ -90,6 +91,7 @@ RATIOS = {  # name -> (numerator mode, denominator mode)
     "frozen/limit": ("layerlock", "limit"),
     "eval/frozen": ("layerlock_eval", "layerlock"),
     "frozen/features": ("layerlock", "features"),   # Keras only
+    "mask/layerlock": ("mask", "layerlock"),        # JAX only: optax mask vs the filtered gradient
 }
 
 

@@ -11,10 +11,16 @@ from typing import Any
 
 from .overhead import growth
 
-SUITE_TITLES = {"torch": "PyTorch", "keras-tf": "Keras 3 on TensorFlow", "keras-torch": "Keras 3 on torch"}
+SUITE_TITLES = {"torch": "PyTorch", "keras-tf": "Keras 3 on TensorFlow", "keras-torch": "Keras 3 on torch",
+                "jax": "JAX (Flax NNX)"}
+HAND_SUITES = ("torch", "keras-tf", "keras-torch")   # the suites with a hand-freeze mode
 MODE_TITLES = {"full": "full training", "layerlock": "layerlock freeze", "hand": "hand freeze",
                "limit": "limit", "layerlock_eval": "layerlock frozen_mode='eval'",
-               "features": "features (Keras)"}
+               "features": "features (Keras)", "mask": "optax mask only (JAX)"}
+RATIO_ORDER = ["layerlock/hand", "frozen/full", "frozen/limit", "eval/frozen", "frozen/features",
+               "mask/layerlock", "opt-state layerlock/full", "trainable/all params"]
+BYTE_RATIOS = ("opt-state layerlock/full", "trainable/all params")
+OPT_SLACK = 0.01   # optimizer-state share allowed over the trainable share (step counters)
 LINEAR = 1.2       # µs per tensor at 100k over 1k that still counts as linear
 MEM_SLACK = 0.01   # RSS noise allowed when comparing peaks (1%)
 
@@ -27,6 +33,11 @@ def _x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}×"
 
 
+def _share(value: float | None) -> str:
+    """A byte ratio, which can be far below 0.01."""
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def table(head: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -37,6 +48,7 @@ def table(head: list[str], rows: list[list[Any]]) -> str:
 
 def step_table(suite: str, data: dict[str, Any], memory: dict[str, Any]) -> str:
     rows = []
+    opt = any("opt_state_bytes" in m for e in data["cases"].values() for m in e["modes"].values())
     for case, entry in data["cases"].items():
         full = entry["modes"]["full"]["median"]
         for mode, m in entry["modes"].items():
@@ -45,19 +57,21 @@ def step_table(suite: str, data: dict[str, Any], memory: dict[str, Any]) -> str:
             rows.append([case if mode == "full" else "", MODE_TITLES[mode], _ms(m["median"]),
                          _ms(m["iqr"]), _x(m["median"] / full),
                          f"{peak:.0f}" if peak else "–",
-                         f"{mem['train_increment_mb']:.0f}" if "train_increment_mb" in mem else "–"])
+                         f"{mem['train_increment_mb']:.0f}" if "train_increment_mb" in mem else "–"]
+                        + ([f"{m['opt_state_bytes'] / 1024:.1f}" if "opt_state_bytes" in m else "–"] if opt else []))
     mem_head = "peak MB (CUDA)" if any("peak_mem_mb" in m for e in data["cases"].values()
                                        for m in e["modes"].values()) else "peak RSS MB"
-    return table(["model", "mode", "median ms", "IQR ms", "÷ full", mem_head, "RSS growth in steps MB"], rows)
+    return table(["model", "mode", "median ms", "IQR ms", "÷ full", mem_head, "RSS growth in steps MB"]
+                 + (["optimizer state KiB"] if opt else []), rows)
 
 
 def ratio_table(data: dict[str, Any]) -> str:
-    names = sorted({k for e in data["cases"].values() for k in e["ratios"]},
-                   key=["layerlock/hand", "frozen/full", "frozen/limit", "eval/frozen", "frozen/features"].index)
+    names = sorted({k for e in data["cases"].values() for k in e["ratios"]}, key=RATIO_ORDER.index)
     rows = []
     for case, e in data["cases"].items():
         size = ", ".join(f"{k}={v}" for k, v in e["size"].items())
-        rows.append([case, f"{e['params'] / 1e6:.2f}M", size] + [_x(e["ratios"].get(n)) for n in names])
+        rows.append([case, f"{e['params'] / 1e6:.2f}M", size]
+                    + [(_share if n in BYTE_RATIOS else _x)(e["ratios"].get(n)) for n in names])
     return table(["model", "params", "size"] + names, rows)
 
 
@@ -100,7 +114,7 @@ def _verdict(ok: bool | None, miss: str) -> str:
 
 def targets(results: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for suite in SUITE_TITLES:
+    for suite in HAND_SUITES:
         v = _ratios(results, suite, "layerlock/hand")
         ok = None if not v else all(0.97 <= x <= 1.03 for x in v)
         rows.append([f"layerlock ÷ hand step time = 1.00 ± 0.03 ({SUITE_TITLES[suite]})", _span(v),
@@ -108,11 +122,13 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                          c for c, e in results["steps"].get(suite, {}).get("cases", {}).items()
                          if not 0.97 <= e["ratios"]["layerlock/hand"] <= 1.03))])
     for suite in SUITE_TITLES:
-        bound = 1.02 if suite == "torch" else 1.05
+        bound = 1.02 if suite in ("torch", "jax") else 1.05
         v = _ratios(results, suite, "frozen/limit")
         ok = None if not v else max(v) <= bound
-        rows.append([f"frozen ÷ limit ≤ {bound} ({SUITE_TITLES[suite]})", _span(v),
+        name = "layerlock ÷ limit" if suite == "jax" else "frozen ÷ limit"
+        rows.append([f"{name} ≤ {bound} ({'JAX' if suite == 'jax' else SUITE_TITLES[suite]})", _span(v),
                      _verdict(ok, f"worst {max(v or [0]):.2f}")])
+    rows.append(opt_state_target(results))
     tapply = results["apply"].get("torch", {})
     models = tapply.get("models", {})
     for call, bound in (("apply", 2.0), ("plan", 1.5)):
@@ -135,6 +151,28 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     rows.append([f"peak memory, layerlock ≤ hand (peak ÷ hand, {MEM_SLACK:.0%} noise allowed)",
                  _span(list(mem.values())), _verdict(None if not mem else not worse, ", ".join(worse))])
     return rows
+
+
+def opt_state_target(results: dict[str, Any]) -> list[str]:
+    """JAX: the layerlock step's optimizer state is the full one's times the trainable share
+    of the parameter bytes (adamw keeps two moments per trainable leaf, none per frozen one)."""
+    cases = results["steps"].get("jax", {}).get("cases", {})
+    got = {c: (e["ratios"]["opt-state layerlock/full"], e["ratios"]["trainable/all params"])
+           for c, e in cases.items() if "opt-state layerlock/full" in e["ratios"]}
+    over = [c for c, (o, t) in got.items() if o > t * (1 + OPT_SLACK)]
+    return [f"optimizer-state bytes, layerlock ÷ full ≤ trainable ÷ all parameter bytes "
+            f"(+{OPT_SLACK:.0%}, JAX)",
+            "; ".join(f"{c} {_share(o)} (trainable share {_share(t)})" for c, (o, t) in got.items()) or "not run",
+            _verdict(None if not got else not over, "state for frozen leaves in " + ", ".join(over))]
+
+
+def frozen_vs_torch(results: dict[str, Any]) -> str:
+    """One line under the JAX tables: frozen ÷ full there and in the torch rows."""
+    torch = results["steps"].get("torch", {}).get("cases", {})
+    jax = results["steps"].get("jax", {}).get("cases", {})
+    pairs = [f"{c} {_x(e['ratios'].get('frozen/full'))} (PyTorch {_x(torch[c]['ratios'].get('frozen/full'))})"
+             for c, e in jax.items() if c in torch]
+    return ("frozen ÷ full, JAX against the PyTorch rows of the same model: " + ", ".join(pairs) + ".") if pairs else ""
 
 
 def memory_ratios(results: dict[str, Any]) -> dict[str, float]:
@@ -232,6 +270,8 @@ def section(results: dict[str, Any], img: str) -> list[str]:
             out += [f"Not run: {reason.splitlines()[0] if reason else 'unknown'}", ""]
             continue
         out += [ratio_table(data), "", step_table(suite, data, results["memory"].get(suite, {})), ""]
+        if suite == "jax" and (line := frozen_vs_torch(results)):
+            out += [line, ""]
     out += [f"![step time per mode]({img}-steps.png)", ""]
     if results["apply"]:
         models = results["apply"].get("torch", {}).get("models", {})
@@ -278,6 +318,20 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
   - *features* (Keras only): what caching backbone features would cost without the cache:
     `backbone.predict_on_batch` (inference mode, no dropout) and a head-only model's
     `train_on_batch` on the result, two dispatches per step.
+- **Step time, JAX (Flax NNX)**: one `nnx.jit` step (forward, cross-entropy,
+  `nnx.value_and_grad`, `optax.adamw` with weight decay) in four modes, interleaved the same way
+  (JAX dispatches asynchronously; a sample ends by waiting for its last step):
+  - *full training*: `nnx.Optimizer(model, tx, wrt=nnx.Param)`, gradients for every parameter.
+  - *layerlock freeze*: `ll.apply(model, ll.freeze("backbone"))`, then the documented step:
+    `wrt=layerlock.flax.trainable` for the optimizer and
+    `argnums=nnx.DiffState(0, layerlock.flax.trainable)` for the gradient.
+  - *optax mask only*: the same `ll.apply` (same BatchNorm hold, same forward), but the gradient
+    spans every parameter and `optax.multi_transform` sends the backbone to `optax.set_to_zero`
+    (no update, no state), what a `train_state`-style step with `layerlock.jax.optimizer` does.
+  - *limit*: no layerlock: the backbone's BatchNorm set to `use_running_average=True` by hand
+    and a hand-written path filter (`head` parameters only) for the gradient and the optimizer.
+  - *optimizer state*: the bytes of `nnx.state(optimizer, nnx.OptState)` per mode; with adamw
+    it should be two moments per trainable parameter and nothing for frozen ones.
 - **Peak memory**: on CPU the peak RSS (`ru_maxrss`) of a fresh subprocess per (model, mode)
   that builds the model and trains 3 steps; "RSS growth in steps" is that peak minus the RSS
   after building, which isolates what training adds. On GPU, `torch.cuda.max_memory_allocated`.
@@ -294,7 +348,9 @@ Models. PyTorch: a CNN with BatchNorm (4 stages of 2 conv-BN-ReLU), `nn.Transfor
 `BertForSequenceClassification` and `ResNetForImageClassification` from small configs (random
 weights, nothing downloaded). Keras: the same CNN and encoder written in Keras layers, and
 `keras.applications.MobileNetV2(weights=None)`. All Keras models compile with
-`jit_compile=False`, so every mode and both backends run without XLA.
+`jit_compile=False`, so every mode and both backends run without XLA. JAX: the same CNN
+(NHWC) and a post-norm encoder (`nnx.MultiHeadAttention`, ReLU feed-forward, dropout 0.1)
+written in Flax NNX, each a `backbone` and a linear `head`, compiled by XLA (`nnx.jit`).
 
 ## The `frozen_mode="eval"` trade-off
 

@@ -3,6 +3,8 @@ or the apply-overhead suite. One framework per process (``KERAS_BACKEND`` is rea
 import), and a probe's peak RSS is then its own.
 
     python -m benchmarks.worker steps SUITE OUT.json [--quick] [--device D] [--threads N]
+
+SUITE is torch, keras-tf, keras-torch or jax (Flax NNX).
     python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
     python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
 """
@@ -29,6 +31,9 @@ def cases_module(suite: str) -> ModuleType:
     if suite == "torch":
         from . import torch_cases
         return torch_cases
+    if suite == "jax":
+        from . import jax_cases
+        return jax_cases
     expected = KERAS_SUITES[suite]
     if os.environ.get("KERAS_BACKEND") != expected:
         raise SystemExit(f"suite {suite} needs KERAS_BACKEND={expected}; "
@@ -50,7 +55,19 @@ def set_threads(threads: int) -> dict[str, Any]:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         out["tensorflow"] = threads
+    if "jax" in sys.modules:
+        out["jax"] = "XLA default (every core)"  # XLA's CPU client has no thread-count setting
     return out
+
+
+def byte_ratios(info: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Optimizer-state bytes of the frozen step over the full one, and what it should be:
+    the trainable share of the parameter bytes (adam keeps two moments per trainable leaf)."""
+    full, frozen = info.get("full"), info.get("layerlock")
+    if not full or not frozen or not full["opt_state_bytes"]:
+        return {}
+    return {"opt-state layerlock/full": frozen["opt_state_bytes"] / full["opt_state_bytes"],
+            "trainable/all params": frozen["param_bytes"]["trainable"] / frozen["param_bytes"]["all"]}
 
 
 def cuda_peak(device: str) -> tuple[Any, Any] | None:
@@ -83,6 +100,11 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
                                on_sample=bar.update, peak=cuda_peak(args.device))
             results[name] = {"size": dict(case.size(args.quick)), **mod.describe(built["full"][1]),
                              "modes": modes, "ratios": ratios(modes)}
+            if hasattr(mod, "mode_info"):  # JAX: optimizer-state and parameter bytes per mode
+                info = {m: mod.mode_info(*built[m]) for m in modes_}
+                for m in modes_:
+                    modes[m].update(info[m])
+                results[name]["ratios"].update(byte_ratios(info))
             del built, steps
     return {"suite": args.suite, "threads": threads, "reps": reps, "cases": results}
 
@@ -96,6 +118,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     after_build = current_rss_mb()
     for _ in range(PROBE_STEPS):
         step()
+    mod.sync(args.device)()
     peak = peak_rss_mb()
     return {"peak_rss_mb": peak, "rss_before_build_mb": before_build,
             "rss_after_build_mb": after_build, "train_increment_mb": peak - after_build}
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
     p.add_argument("task", choices=("steps", "probe", "apply"))
-    p.add_argument("suite", choices=("torch", *KERAS_SUITES))
+    p.add_argument("suite", choices=("torch", *KERAS_SUITES, "jax"))
     p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")

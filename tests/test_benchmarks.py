@@ -21,7 +21,13 @@ def test_cli_rejects_an_unknown_section():
     from benchmarks.__main__ import parse
 
     with pytest.raises(SystemExit):
-        parse(["--only", "torch,jax"])
+        parse(["--only", "torch,mxnet"])
+
+
+def test_jax_is_a_step_suite_of_the_full_run():
+    from benchmarks.__main__ import SECTIONS, parse
+
+    assert "jax" in SECTIONS and parse(["--only", "jax"]).only == ["jax"]
 
 
 def test_tiny_torch_grid_writes_json_and_docs(tmp_path):
@@ -64,3 +70,46 @@ def test_a_partial_run_replaces_only_its_sections():
     out = merge(old, new, ["apply"])
     assert out["apply"] == {"torch": "new"} and out["steps"] == {"torch": {"cases": 1}} and out["import"] == {"x": 1}
     assert out["meta"]["measured"] == {"apply": "d2"} and out["meta"]["elapsed_s"] == {"steps torch": 80, "apply torch": 20}
+
+
+def test_tiny_jax_grid_records_modes_ratios_and_optimizer_bytes(tmp_path):
+    pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    from benchmarks import jax_cases, worker
+
+    steps_json = tmp_path / "steps.json"
+    worker.main(["steps", "jax", str(steps_json), "--quick", "--reps", "2", "--warmup", "1",
+                 "--cases", "transformer"])
+    steps = json.loads(steps_json.read_text())
+    case = steps["cases"]["transformer"]
+    assert set(case["modes"]) == set(jax_cases.MODES)
+    assert all(len(m["samples_s"]) == 2 for m in case["modes"].values())
+    assert {"frozen/full", "frozen/limit", "mask/layerlock", "opt-state layerlock/full"} <= set(case["ratios"])
+    # adamw: two moments per trainable leaf, none for frozen leaves (plumbing, not timing)
+    full, frozen = case["modes"]["full"], case["modes"]["layerlock"]
+    assert frozen["param_bytes"]["trainable"] < frozen["param_bytes"]["all"] == full["param_bytes"]["all"]
+    assert 2 * frozen["param_bytes"]["trainable"] <= frozen["opt_state_bytes"] < 2 * frozen["param_bytes"]["trainable"] + 64
+    assert case["modes"]["mask"]["opt_state_bytes"] == case["modes"]["limit"]["opt_state_bytes"] == frozen["opt_state_bytes"]
+
+    results = {
+        "meta": {"date": "now", "quick": True, "device": "cpu", "device_name": "test cpu",
+                 "machine": {"cores": 2, "load_avg_start": None}, "versions": {"python": "3"},
+                 "threads": 1, "omp_wait_policy": "PASSIVE", "load_avg_end": None},
+        "steps": {"jax": steps}, "memory": {}, "import": {}, "apply": {},
+    }
+    (tmp_path / "cpu.json").write_text(json.dumps(results))
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    assert "### Step time: JAX (Flax NNX)" in text and "optax mask only" in text
+    assert "layerlock ÷ limit ≤ 1.02 (JAX)" in text and "optimizer-state bytes, layerlock ÷ full" in text
+
+
+def test_a_missing_jax_is_reported_not_run(monkeypatch):
+    import importlib.util
+
+    from benchmarks import __main__ as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a))
+    assert cli.framework_missing("jax") == "flax not installed"
