@@ -63,7 +63,11 @@ def _children(node: Any) -> list[tuple[str, Any]] | None:
     if isinstance(node, (list, tuple)):
         return [(str(i), v) for i, v in enumerate(node)]
     if _is_module(node):
-        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node) if hasattr(node, f.name)]
+        if type(node).__name__ == "StateIndex":  # Equinox BatchNorm state: not parameters
+            return []
+        # Static fields (an Equinox conv's kernel_size) are configuration, not leaves.
+        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)
+                if hasattr(node, f.name) and not f.metadata.get("static", False)]
     return None
 
 

@@ -14,7 +14,6 @@ import importlib.util
 import pytest
 
 import layerlock as ll
-from layerlock.errors import BackendError
 
 SPECS = {
     "prefix": ll.freeze("stem"),
@@ -305,20 +304,6 @@ class EquinoxModels(Models):
 
 
 @functools.lru_cache(maxsize=None)
-def _equinox_static_field_bug():
-    """layerlock.jax walks an Equinox module's static fields: ``Conv2d.kernel_size == (3, 3)``
-    is a tuple of ints, refused as "not an array", so no Equinox model with a conv has a plan."""
-    import equinox as eqx
-    import jax
-    import layerlock.jax as llj
-
-    try:
-        llj.plan(eqx.nn.Conv2d(1, 1, 1, key=jax.random.key(0)), ll.freeze())
-    except BackendError:
-        return True
-    return False
-
-
 def _found(*names):
     return all(importlib.util.find_spec(n) for n in names)
 
@@ -332,11 +317,7 @@ def _available():
     if _found("jax", "flax", "optax"):
         out.append(NnxModels)
     if _found("jax", "equinox", "optax"):
-        bug = _equinox_static_field_bug()
-        out.append(pytest.param(EquinoxModels, id="equinox", marks=pytest.mark.xfail(
-            bug, raises=BackendError, strict=True,
-            reason="layerlock.jax refuses Equinox static fields (Conv2d.kernel_size=(3, 3)): "
-                   "'leaf stem.conv.kernel_size.0 is a int'")))
+        out.append(EquinoxModels)
     return out
 
 

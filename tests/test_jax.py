@@ -313,3 +313,11 @@ def test_a_pytree_schedule_keeps_moments_across_a_phase_change_and_resumes_exact
     saved_params, saved_state, _ = run(start, None, range(3))    # interrupted after epoch 2 (phase 2)
     resumed, _, _ = run(saved_params, saved_state, [3], phase=-1)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(values(resumed), values(params)))
+
+
+def test_equinox_static_fields_and_batchnorm_state_are_not_parameters():
+    eqx = pytest.importorskip("equinox")
+    conv = eqx.nn.Conv2d(3, 4, 3, key=jax.random.key(0))            # kernel_size etc. are static fields
+    assert llj.plan(conv, ll.freeze()).frozen == ("weight", "bias")
+    bn = eqx.nn.BatchNorm(4, "batch", mode="batch")                  # without make_with_state: StateIndex
+    assert llj.plan(bn, ll.freeze()).frozen == ("weight", "bias")
