@@ -33,7 +33,7 @@ from flax import nnx
 import layerlock as ll
 import layerlock.flax as llf
 
-from .measure import Step
+from .measure import SIZES, Step
 
 BACKBONE = "backbone"
 MODES = ("full", "layerlock", "mask", "limit")
@@ -114,11 +114,9 @@ def sequence_batch(s: dict) -> tuple[jax.Array, jax.Array]:
 
 CASES = {c.name: c for c in [
     Case("cnn", build_cnn, image_batch,
-         full={"channels": (48, 96, 192, 352), "batch": 32, "hw": 64},
-         quick={"channels": (16, 32, 64, 96), "batch": 16, "hw": 32}),
+         **SIZES["cnn"]),
     Case("transformer", build_transformer, sequence_batch,
-         full={"d": 256, "heads": 4, "layers": 4, "seq": 128, "batch": 16},
-         quick={"d": 128, "heads": 4, "layers": 2, "seq": 64, "batch": 8}),
+         **SIZES["transformer"]),
 ]}
 
 

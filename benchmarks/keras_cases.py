@@ -22,7 +22,7 @@ import numpy as np
 
 import layerlock as ll
 
-from .measure import Step
+from .measure import SIZES, Step
 
 BACKBONE = "backbone"
 MODES = ("full", "layerlock", "hand", "limit", "layerlock_eval", "features")
@@ -94,11 +94,9 @@ def sequence_batch(s: dict) -> tuple[np.ndarray, np.ndarray]:
 
 CASES = {c.name: c for c in [
     Case("cnn", build_cnn, image_batch,
-         full={"channels": (48, 96, 192, 352), "batch": 32, "hw": 64},
-         quick={"channels": (16, 32, 64, 96), "batch": 16, "hw": 32}),
+         **SIZES["cnn"]),
     Case("transformer", build_transformer, sequence_batch,
-         full={"d": 256, "heads": 4, "layers": 4, "seq": 128, "batch": 16},
-         quick={"d": 128, "heads": 4, "layers": 2, "seq": 64, "batch": 8}),
+         **SIZES["transformer"]),
     Case("mobilenetv2", build_mobilenet, image_batch,
          full={"alpha": 1.0, "batch": 16, "hw": 96},
          quick={"alpha": 0.35, "batch": 8, "hw": 32}),

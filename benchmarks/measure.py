@@ -21,6 +21,14 @@ Step = Callable[[], Any]
 # JAX has its own four: full, layerlock, mask, limit).
 MODES = ("full", "layerlock", "hand", "limit", "layerlock_eval")
 
+# The sizes of the models every framework builds alike, so their ratios compare.
+SIZES = {
+    "cnn": {"full": {"channels": (48, 96, 192, 352), "batch": 32, "hw": 64},
+            "quick": {"channels": (16, 32, 64, 96), "batch": 16, "hw": 32}},
+    "transformer": {"full": {"d": 256, "heads": 4, "layers": 4, "seq": 128, "batch": 16},
+                    "quick": {"d": 128, "heads": 4, "layers": 2, "seq": 64, "batch": 8}},
+}
+
 
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median and interquartile range of per-step times (seconds)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 import layerlock as ll
 
-from .measure import Step
+from .measure import SIZES, Step
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,10 @@ def token_batch(s: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 CASES = {c.name: c for c in [
     Case("cnn", "backbone", build_cnn, image_batch,
          lambda m, x: m.backbone(x), lambda m, f: m.head(f),
-         full={"channels": (48, 96, 192, 352), "batch": 32, "hw": 64},
-         quick={"channels": (16, 32, 64, 96), "batch": 16, "hw": 32}),
+         **SIZES["cnn"]),
     Case("transformer", "backbone", build_transformer, sequence_batch,
          lambda m, x: m.backbone(x), lambda m, f: m.head(f.mean(1)),
-         full={"d": 256, "heads": 4, "layers": 4, "seq": 128, "batch": 16},
-         quick={"d": 128, "heads": 4, "layers": 2, "seq": 64, "batch": 8}),
+         **SIZES["transformer"]),
     Case("hf-bert", "bert", build_bert, token_batch,
          lambda m, x: m.bert(input_ids=x).pooler_output, lambda m, f: m.classifier(m.dropout(f)),
          full={"vocab": 8192, "d": 256, "heads": 4, "layers": 4, "seq": 128, "batch": 16},
