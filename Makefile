@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
-TEST_DEPS := tensorflow-cpu transformers lightning equinox
+TEST_DEPS := tensorflow-cpu transformers accelerate peft lightning equinox
 
 .PHONY: test install demo bench bench-quick docs clean
 
