@@ -126,12 +126,15 @@ def _check_scheduler(scheduler: Any) -> None:
 def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
     from torch.optim import lr_scheduler as S
 
-    # The group's lr is its rate now; from here it follows the schedule like the others.
-    base = group["lr"]
-    if isinstance(scheduler, S.LambdaLR):  # closed form: lr = base * lambda(epoch)
-        factor = scheduler.lr_lambdas[-1](scheduler.last_epoch)
-        base = base / factor if factor else base
-    group.setdefault("initial_lr", base)
+    # The group's lr is its rate now (unless the caller set its base, initial_lr); from
+    # here it follows the schedule like the others.
+    base = group.get("initial_lr")
+    if base is None:
+        base = group["lr"]
+        if isinstance(scheduler, S.LambdaLR):  # closed form: lr = base * lambda(epoch)
+            factor = scheduler.lr_lambdas[-1](scheduler.last_epoch)
+            base = base / factor if factor else base
+        group["initial_lr"] = base
     for attr in _LIST_ATTRS:
         values = getattr(scheduler, attr, None)
         if isinstance(values, list):
@@ -147,7 +150,8 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
 
     Parameters that are frozen now stay in the optimizer with their state but cannot move,
     since their ``grad`` is None. A given LR ``scheduler`` is extended to the new group, or
-    refused with :class:`LayerlockError` when it cannot be.
+    refused with :class:`LayerlockError` when it cannot be. Accelerate's wrappers (from
+    ``accelerator.prepare``) are read through to the optimizer and scheduler they hold.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -155,6 +159,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     >>> sync_optimizer(opt, net), sync_optimizer(opt, net)
     (['bias'], [])
     """
+    optimizer, scheduler = _unwrap_prepared(optimizer), _unwrap_prepared(scheduler)
     known = {id(p) for g in optimizer.param_groups for p in g["params"]}
     new = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in known]
     if not new:
@@ -170,6 +175,17 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     if scheduler is not None:
         _extend_scheduler(scheduler, optimizer.param_groups[-1])
     return [n for n, _ in new]
+
+
+def _unwrap_prepared(obj: Any) -> Any:
+    """The torch optimizer or LR scheduler inside an Accelerate ``AcceleratedOptimizer`` /
+    ``AcceleratedScheduler`` (what ``accelerator.prepare`` returns); anything else as it is."""
+    name = type(obj).__name__
+    if name == "AcceleratedOptimizer":
+        return obj.optimizer
+    if name == "AcceleratedScheduler":
+        return obj.scheduler
+    return obj
 
 
 def structure_fingerprint(model: torch.nn.Module) -> str:

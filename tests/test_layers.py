@@ -20,7 +20,7 @@ LAYERS = [
     {"operations"},                                  # plan, apply, summary, state
     {"schedule"},
     {"torch", "keras", "flax", "jax"},              # helpers per framework
-    {"lightning", "demo.config", "demo.data", "demo.report"},
+    {"lightning", "transformers", "demo.config", "demo.data", "demo.report"},
     {"demo.torch_run"},
     {"demo.keras_run"},
     {"demo"},
