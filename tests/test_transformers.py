@@ -148,3 +148,50 @@ def test_an_unsupported_scheduler_is_refused_naming_the_supported_ones(tmp_path)
     with pytest.raises(ll.LayerlockError, match="OneCycleLR.*supported: LambdaLR"):
         t.train()
     assert torch.equal(before, model.classifier.weight)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant_with_warmup", "constant"])
+def test_new_groups_follow_every_trainer_schedule(tmp_path, kind):
+    probe = Probe()
+    trainer(bert(), tmp_path, [FreezeScheduler(SCHEDULE, log=None), probe], lr_scheduler_type=kind).train()
+    for step, groups in probe.lrs:
+        factor_now = groups[0][0] / LR
+        bases = [] if step < 4 else [HEAD_LR] * 2 if step < 8 else [HEAD_LR] * 2 + [LR] * 2
+        assert len(groups) == 2 + len(bases)
+        for (lr, _), base in zip(groups[2:], bases):
+            assert math.isclose(lr, base * factor_now, rel_tol=1e-9, abs_tol=1e-15), (step, kind)
+
+
+def test_accelerate_prepare_is_read_through(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    import layerlock.torch as llt
+
+    model = bert()
+    before = ll.plan(model, ll.freeze("bert").unfreeze("*.layer.3.*"))
+    accelerator = accelerate.Accelerator(cpu=True)
+    _ = ll.apply(model, ll.freeze("bert"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    prepared, opt, sched = accelerator.prepare(model, optimizer, scheduler)
+    assert type(opt).__name__ == "AcceleratedOptimizer" and type(sched).__name__ == "AcceleratedScheduler"
+    after = ll.plan(prepared, ll.freeze("bert").unfreeze("*.layer.3.*"))
+    assert after.paths == before.paths and after.trainable == before.trainable
+
+    def step():
+        data = Data()
+        loss = prepared(input_ids=data.ids[:8], labels=data.labels[:8]).loss
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    step()
+    _ = ll.apply(prepared, ll.unfreeze("bert.encoder.layer.3"))
+    top = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("bert.encoder.layer.3.")}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("bert.embeddings.")}
+    added = llt.sync_optimizer(opt, prepared, lr=1e-3, scheduler=sched)
+    assert added == sorted(top, key=list(top).index)
+    assert len(optimizer.param_groups) == 2 and len(scheduler.base_lrs) == 2  # the real ones
+    step()
+    assert all(not torch.equal(p, top[n]) for n, p in model.named_parameters() if n in top)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
