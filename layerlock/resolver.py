@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Hashable, Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Literal, TypeVar
 
 from .errors import LayerlockWarning, NoMatchError, SpecError
 from .results import LayerPlan, Plan, state_name
@@ -28,6 +28,7 @@ BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
 FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
 BnPolicy = Literal["follow", "trainable", "frozen"]
 _GLOB = frozenset("*?[")
+_T = TypeVar("_T")
 
 
 def check_options(spec: object, bn: object, frozen_mode: object) -> None:
@@ -39,6 +40,20 @@ def check_options(spec: object, bn: object, frozen_mode: object) -> None:
         raise SpecError(f"bn must be one of {BN_POLICIES}; received {bn!r}")
     if frozen_mode not in FROZEN_MODES:
         raise SpecError(f"frozen_mode must be one of {FROZEN_MODES}; received {frozen_mode!r}")
+
+
+def _index(paths: list[str], names: list[str] | None) -> dict[str, int]:
+    """Position of each path, then of each alternative name no path already has."""
+    index = {p: i for i, p in enumerate(paths)}
+    for i, name in enumerate(names or ()):
+        index.setdefault(name, i)
+    return index
+
+
+def _either(match: Callable[[str], bool], names: tuple[str, str]) -> bool:
+    """Whether ``match`` accepts a (path, alternative name) pair."""
+    path, name = names
+    return match(path) or (name != path and match(name))
 
 
 def _suggest(word: str, candidates: Iterable[str]) -> list[str]:
@@ -61,11 +76,11 @@ class _Resolver:
 
     @functools.cached_property
     def layer_index(self) -> dict[str, int]:
-        return {p: i for i, p in enumerate(self.tree.layer_paths)}
+        return _index(self.tree.layer_paths, self.tree.layer_names)
 
     @functools.cached_property
     def param_index(self) -> dict[str, int]:
-        return {p: o for o, p in enumerate(self.tree.param_paths)}
+        return _index(self.tree.param_paths, self.tree.param_names)
 
     def fail(self, exc: SpecError) -> None:
         if self.strict:
@@ -103,21 +118,30 @@ class _Resolver:
                 self.param_rule[o] = r
                 hit = True
             return hit
-        match, paths, first, param_paths, param_rule = matcher(pattern), tree.layer_paths, tree.first, tree.param_paths, self.param_rule
-        i, n = 0, len(paths)
+        match = matcher(pattern)
+        if tree.layer_names is None or tree.param_names is None:
+            return self.mark_matching(r, match, tree.layer_paths, tree.param_paths)
+        return self.mark_matching(r, functools.partial(_either, match), list(zip(tree.layer_paths, tree.layer_names)),
+                                  list(zip(tree.param_paths, tree.param_names)))
+
+    def mark_matching(self, r: int, match: Callable[[_T], bool], layers: Sequence[_T], params: Sequence[_T]) -> bool:
+        """Mark each layer (with its subtree) and parameter whose entry in ``layers`` /
+        ``params`` (a path, or a path and its alternative name) ``match`` accepts."""
+        first, param_rule, hit = self.tree.first, self.param_rule, False
+        i, n = 0, len(layers)
         while i < n:  # pre-order: a matched layer's subtree is skipped, it is all selected
-            if match(paths[i]):
+            if match(layers[i]):
                 i, hit = self.mark(i, r), True
                 continue
             for o in range(first[i], first[i + 1]):
-                if match(param_paths[o]):
+                if match(params[o]):
                     param_rule[o], hit = r, True
             i += 1
         return hit
 
     def no_match(self, label: str, pattern: str) -> None:
         tree = self.tree
-        hint = _suggest(pattern, [p for p in tree.layer_paths if p] + tree.param_paths)
+        hint = _suggest(pattern, [p for p in self.layer_index if p] + list(self.param_index))
         kinds = sorted({k for k in tree.kinds if matcher(pattern)(k)})
         extra = f"; it names a layer kind: use kind={kinds[0]!r}" if kinds else ""
         self.fail(NoMatchError(
@@ -140,10 +164,10 @@ class _Resolver:
                                    pattern=kind, suggestions=hint))
 
     def container(self, where: str, label: str) -> list[int] | None:
-        """The children of layer ``where`` ('' is the model), or None (reported) if absent."""
-        i = self.layer_index.get(where)
+        """The children of layer ``where`` ('' is the model: layer ``tree.root``), or None (reported) if absent."""
+        i = self.layer_index.get(where) if where else self.tree.root
         if i is None:
-            hint = _suggest(where, [p for j, p in enumerate(self.tree.layer_paths) if self.tree.end[j] > j + 1])
+            hint = _suggest(where, [p for p, j in self.layer_index.items() if self.tree.end[j] > j + 1])
             self.fail(NoMatchError(f"{label}: within={where!r} is not a layer path"
                                    + (f"; closest containers: {', '.join(hint)}" if hint else ""),
                                    pattern=where, suggestions=hint))

@@ -72,6 +72,12 @@ class Tree:
     ``[first[i], first[i + 1])`` of the parameter arrays (``param_paths``, ``numels``,
     ``trainable``, ``param_keys``, ``owner``), its subtree's ``[first[i], first[end[i]])``.
     ``first`` ends with one extra entry, the number of parameter occurrences.
+
+    A wrapped model may also give each layer and parameter one alternative name
+    (``layer_names``, ``param_names``: the entry's own path where it has none), and
+    ``root``, the layer that ``depth`` and ``within`` count from: the torch backend names a
+    PEFT model's weights as its base model does and makes the base model the root, so a
+    spec written for the base model selects the same weights after wrapping.
     :meth:`of` flattens a :class:`Node` tree; a backend may fill the arrays itself instead
     (the torch backend does, because it is faster than building nodes).
 
@@ -92,6 +98,9 @@ class Tree:
     trainable: list[bool] = field(default_factory=list)
     param_keys: list[Hashable] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)
+    layer_names: list[str] | None = None
+    param_names: list[str] | None = None
+    root: int = 0
 
     @classmethod
     def of(cls, root: Node | Tree) -> Tree:

@@ -5,6 +5,15 @@ Paths are ``named_modules()`` / ``named_parameters()`` paths of the unwrapped mo
 (``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers are looked
 through), so users write the same patterns with or without a wrapper.
 
+A PEFT model (a ``PeftModel``, or tuner layers injected into a model) keeps its real paths in
+plans (``base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight``), and
+a spec written for the base model selects the same weights: ``bert.encoder.layer.0`` (with the
+adapters inside it), ``bert.encoder.layer.0.attention.self.query.weight`` (the base layer's),
+``classifier.weight`` (the trained copy under ``modules_to_save``), ``depth`` and ``within``
+counted in the base model. Adapters keep their own names: ``*lora_*`` selects every LoRA
+tensor and ``*.modules_to_save.*`` every trained copy, so LoRA fine-tuning is
+``ll.freeze().unfreeze("*lora_*", "*.modules_to_save.*")``.
+
 The hold: a held module carries the plain attribute ``_layerlock_held = True`` and, from
 the first hold on, ``torch.nn.Module.train`` is wrapped, so ``model.train()`` leaves held
 modules (and what is under them) in eval mode. Nothing runs per forward, no module is replaced, and a
@@ -161,6 +170,43 @@ def _numel(p: torch.Tensor) -> int:
     return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
+def _peft_names(root: nn.Module, tree: Tree) -> None:
+    """Give a PEFT model's layers and parameters the names its base model gives them, and
+    make the base model the tree's root (what ``depth`` and ``within`` count from).
+
+    The names drop the path down to the base model (``base_model.model.``), a tuner layer's
+    ``base_layer`` (``query.base_layer.weight`` is ``query.weight``) and a
+    ``ModulesToSaveWrapper``'s ``modules_to_save.<active adapter>`` (the trained copy of
+    ``classifier.weight``; ``classifier.original_module.weight`` keeps its own name).
+    Walks in the order of ``tree()``.
+    """
+    import peft  # the caller found it in sys.modules
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = root
+    while isinstance(inner, (peft.PeftModel, peft.PeftMixedModel, BaseTuner)):
+        inner = inner.model if isinstance(inner, BaseTuner) else inner.base_model
+    layer_names: list[str] = []
+    param_names: list[str] = []
+
+    def visit(module: nn.Module, name: str, renamed: dict[str, str]) -> None:
+        if module is inner:
+            tree.root, name = len(layer_names), ""
+        layer_names.append(name)
+        prefix = name + "." if name else ""
+        param_names.extend(prefix + n for n, p in module._parameters.items() if p is not None)
+        if isinstance(module, BaseTunerLayer):
+            renamed = {"base_layer": name}
+        saved = module.active_adapters if isinstance(module, ModulesToSaveWrapper) else ()
+        for n, m in module._modules.items():
+            if m is not None:
+                visit(m, renamed.get(n, prefix + n), {a: name for a in saved} if n == "modules_to_save" else {})
+
+    visit(root, "", {})
+    tree.layer_names, tree.param_names = layer_names, param_names
+
+
 class TorchBackend:
     """The PyTorch backend (``torch.nn.Module``)."""
 
@@ -214,6 +260,8 @@ class TorchBackend:
         root = unwrap(model)
         build("", root)
         first.append(len(param_paths))
+        if "peft" in sys.modules and hasattr(root, "peft_config"):  # PEFT sets peft_config on what it wraps
+            _peft_names(root, tree)
         self._walks[root] = (tree, tensors)  # ll.apply() calls tree() then apply(): walk the model once
         return tree
 
