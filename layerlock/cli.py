@@ -1,7 +1,7 @@
 """The ``layerlock`` command: see what a spec does to a model, and run the demo.
 
-    layerlock plan MODEL --spec SPEC [--bn POLICY] [--frozen-mode eval] [--no-strict] [--json] [--trust]
-    layerlock summary MODEL [--json] [--trust]
+    layerlock plan MODEL --spec SPEC [--config JSON] [--bn POLICY] [--frozen-mode eval] [--no-strict] [--json] [--trust]
+    layerlock summary MODEL [--config JSON] [--json] [--trust]
     layerlock demo [--backend torch|keras|both] [--quick] [--out DIR]
     layerlock --version
 
@@ -15,6 +15,7 @@ Spec(freeze('backbone'), unfreeze('backbone.layer4', '*.bias'), freeze(kind='Bat
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import os
@@ -32,7 +33,12 @@ from .spec import ACTIONS, Spec
 
 EXIT_ERROR = 2
 MODEL_HELP = ("a .keras (or .h5) file; a whole model saved with torch.save (needs --trust); "
-              "or package.module:factory, called with no arguments")
+              "package.module:factory, called with no arguments; or transformers:ModelClass "
+              "(e.g. transformers:BertForSequenceClassification), built from its default config "
+              "plus --config on the meta device: no weights are downloaded or allocated")
+CONFIG_HELP = ("for transformers:ModelClass only: config overrides as a JSON object, e.g. "
+               "'{\"num_hidden_layers\": 4}' (unknown keys are errors), or a config.json file "
+               "(or a folder holding one), taken as is; Auto* classes need \"model_type\"")
 SPEC_HELP = """\
 SPEC is a .json/.yaml/.yml file, JSON text, or inline rules: rules separated by ';',
 each ACTION[:SELECTOR,SELECTOR,...] with ACTION freeze or unfreeze and SELECTOR one of
@@ -45,6 +51,7 @@ A rule without selectors selects everything; the later rule wins. Example:
 """
 _FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _KEYS = ("depth", "within", "kind")
+_HF = "transformers:"
 
 
 class CliError(LayerlockError):
@@ -140,9 +147,20 @@ def load_spec(text: str) -> Spec:
 
 
 # -- models -------------------------------------------------------------------------------------
-def load_model(ref: str, *, trust: bool = False) -> Any:
+def load_model(ref: str, *, trust: bool = False, config: str | None = None) -> Any:
     """Load MODEL: a ``.keras``/``.h5`` file, a ``torch.save``'d model (only with ``trust``,
-    since unpickling runs code) or ``package.module:factory``."""
+    since unpickling runs code), ``package.module:factory`` or ``transformers:ModelClass``
+    (with ``config``: JSON overrides or a config.json path; see :func:`load_transformers`).
+
+    >>> load_model("mytask.models:build", config='{"num_hidden_layers": 4}')
+    Traceback (most recent call last):
+    ...
+    layerlock.cli.CliError: --config applies only to transformers:ModelClass models; received MODEL 'mytask.models:build'
+    """
+    if ref.startswith(_HF):
+        return load_transformers(ref[len(_HF):], config)
+    if config is not None:
+        raise CliError(f"--config applies only to {_HF}ModelClass models; received MODEL {ref!r}")
     path = Path(ref)
     if _FACTORY.fullmatch(ref) and not path.exists():
         return _call_factory(ref)
@@ -181,6 +199,105 @@ def _call_factory(ref: str) -> Any:
         raise CliError(f"factory {ref!r} raised {type(exc).__name__}: {exc}") from None
 
 
+def load_transformers(name: str, config: str | None = None) -> Any:
+    """Build the transformers model class ``name`` on the meta device, from the default config
+    of its ``config_class`` updated with ``config`` (JSON text or a config.json path). Nothing
+    is downloaded and no weights are allocated, so a 7B architecture plans in seconds.
+    ``Auto*`` model classes take the architecture from ``"model_type"`` in ``config``.
+
+    >>> load_transformers("BertForSequenceClassification", "{'num_hidden_layers': 4}")
+    Traceback (most recent call last):
+    ...
+    layerlock.cli.CliError: --config is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); received "{'num_hidden_layers': 4}"
+    """
+    overrides, from_file = _read_config(config)  # bad JSON fails before the slow import
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here should fetch
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise CliError(f"MODEL {_HF}{name} needs transformers and torch "
+                       "(pip install transformers 'layerlock[torch]')") from None
+    cls = _transformers_class(transformers, name)
+    auto = hasattr(cls, "from_config")  # AutoModel*: the config class comes from model_type
+    if auto:
+        model_type = overrides.pop("model_type", None)
+        if model_type is None:
+            raise CliError(f"{_HF}{name} needs \"model_type\" in --config, e.g. '{{\"model_type\": \"llama\"}}'; "
+                           f"or name the class itself, e.g. {_HF}LlamaForCausalLM")
+        types = list(transformers.CONFIG_MAPPING.keys())
+        if model_type not in types:
+            raise CliError(f"--config model_type {model_type!r} is not a transformers model type; closest: "
+                           f"{', '.join(difflib.get_close_matches(str(model_type), types, n=4)) or 'none'}")
+        config_class = transformers.CONFIG_MAPPING[model_type]
+    else:
+        config_class = cls.config_class
+        model_type = overrides.pop("model_type", config_class.model_type)
+        if model_type != config_class.model_type:
+            raise CliError(f"{_HF}{name} takes model_type {config_class.model_type!r}; --config has {model_type!r}")
+    if not from_file:  # a config class accepts any key silently, so a typo would go unnoticed
+        _check_config_keys(config_class, overrides, transformers.PretrainedConfig)
+    what = f"{_HF}{name} with {config_class.__name__}"
+    try:
+        cfg = config_class.from_dict(overrides)
+    except Exception as exc:
+        raise CliError(f"{what}: the config is invalid: {type(exc).__name__}: {exc}") from None
+    try:
+        with torch.device("meta"):
+            return cls.from_config(cfg) if auto else cls(cfg)
+    except Exception as exc:
+        raise CliError(f"building {what} raised {type(exc).__name__}: {exc}") from None
+
+
+def _read_config(text: str | None) -> tuple[dict[str, Any], bool]:
+    """``--config`` as a dict, and whether it came from a file."""
+    if text is None:
+        return {}, False
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--config is not valid JSON ({exc}); received {text!r}") from None
+        return data, False
+    path = Path(stripped)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise CliError(f"--config {text!r} is neither a JSON object nor a config.json file "
+                       "(or a folder holding one)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--config file {str(path)!r} could not be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"--config file {str(path)!r} holds a {type(data).__name__}, not a JSON object")
+    return data, True
+
+
+def _transformers_class(transformers: Any, name: str) -> Any:
+    names = [n for n in dir(transformers) if not n.startswith("_")]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=4, cutoff=0.7)
+        raise CliError(f"transformers has no model class {name!r} (MODEL {_HF}{name}); closest: "
+                       f"{', '.join(close) or 'none'}")
+    cls = getattr(transformers, name)
+    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or hasattr(cls, "from_config"))):
+        raise CliError(f"MODEL {_HF}{name} is not a model class (a PreTrainedModel such as "
+                       f"BertForSequenceClassification, or an AutoModel* class); received {type(cls).__name__} {name}")
+    return cls
+
+
+def _check_config_keys(config_class: Any, overrides: dict[str, Any], base: Any) -> None:
+    default = config_class()
+    known = set(default.to_dict()) | set(default.attribute_map) | {"num_labels"}
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            own = sorted(known - set(base().to_dict()) - {"num_labels"})
+            hint = f"closest: {', '.join(close)}" if close else f"{config_class.__name__} keys: {', '.join(own)}"
+            raise CliError(f"--config key {key!r} is not a {config_class.__name__} key; {hint}")
+
+
 def _load_keras(path: Path) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter off stderr
     try:
@@ -216,14 +333,14 @@ def _load_torch(path: Path, trust: bool) -> Any:
 # -- commands -----------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # a bad spec fails before a framework is loaded
-    model = load_model(args.model, trust=args.trust)
+    model = load_model(args.model, trust=args.trust, config=args.config)
     result = plan(model, spec, strict=args.strict, bn=args.bn, frozen_mode=args.frozen_mode)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    result = summary(load_model(args.model, trust=args.trust))
+    result = summary(load_model(args.model, trust=args.trust, config=args.config))
     if args.json:
         print(json.dumps({"blocks": [asdict(r) for r in result.rows],
                           "trainable_scalars": result.trainable_scalars,
@@ -267,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="Dry run: print the plan of SPEC on MODEL.")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--spec", required=True, metavar="SPEC", help="rules file, JSON text or inline rules (below)")
+    p.add_argument("--config", metavar="JSON", help=CONFIG_HELP)
     p.add_argument("--bn", choices=("follow", "trainable", "frozen"), default="follow",
                    help="BatchNorm policy (default: follow the rules)")
     p.add_argument("--frozen-mode", choices=("eval",), default=None,
@@ -280,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="trainable and frozen counts per top-level block",
                        description="Print trainable / frozen counts per top-level block of MODEL.")
     s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("--config", metavar="JSON", help=CONFIG_HELP)
     s.add_argument("--json", action="store_true", help="print the rows as JSON")
     s.add_argument("--trust", action="store_true", help="allow torch.load to unpickle MODEL (runs its code)")
     s.set_defaults(run=cmd_summary)

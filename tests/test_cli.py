@@ -4,6 +4,7 @@ are one line with exit status 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -108,6 +109,8 @@ def test_plan_of_a_keras_file(tmp_path, capsys):
     (["plan", "cli_models:net", "--spec", "{not json"], "could not be parsed"),
     (["plan", "cli_models:net", "--spec", "freeze:3.wieght"], "closest paths: 3.weight"),
     (["plan", "cli_models:net", "--spec", "freeze", "--bn", "sometimes"], "invalid choice: 'sometimes'"),
+    (["plan", "cli_models:net", "--spec", "freeze", "--config", "{}"], "--config applies only to transformers:"),
+    (["summary", "net.pt", "--trust", "--config", "{}"], "received MODEL 'net.pt'"),
     (["plan", "cli_models:net"], "required: --spec"),
     (["summary", "net.pt"], "pass --trust"),
     (["summary", "weights.pt", "--trust"], "holds a dict (a state_dict or checkpoint?)"),
@@ -137,8 +140,79 @@ def test_inline_regex_keeps_its_commas():
 
 def test_version_and_a_light_import():
     code = ("import sys, layerlock.cli; "
-            "assert not {'torch', 'keras', 'tensorflow', 'jax'} & set(sys.modules), sorted(sys.modules); "
+            "assert not {'torch', 'keras', 'tensorflow', 'jax', 'transformers'} & set(sys.modules), sorted(sys.modules); "
             "sys.exit(layerlock.cli.main(['--version']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"layerlock {ll.__version__}"
+
+
+# -- transformers:ModelClass, built from a config on the meta device ------------------------------
+BERT = "transformers:BertForSequenceClassification"
+SMALL = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "num_labels": 3}
+
+
+@pytest.fixture
+def hf(monkeypatch):
+    """transformers, with HF_HUB_OFFLINE (which the command sets) restored afterwards."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return pytest.importorskip("transformers")
+
+
+def test_plan_of_a_transformers_config_matches_the_real_model(hf, capsys):
+    spec = "freeze; unfreeze:bert.encoder.layer.3, classifier"
+    real = ll.plan(hf.BertForSequenceClassification(hf.BertConfig(**SMALL)), parse_rules(spec))
+    code, out, err = run(capsys, "plan", BERT, "--config", json.dumps(SMALL), "--spec", spec, "--json")
+    assert code == 0, err
+    assert json.loads(out) == real.to_dict()
+    code, out, _ = run(capsys, "plan", BERT, "--config", json.dumps(SMALL), "--spec", spec)
+    assert code == 0 and out.rstrip().endswith(str(real).rstrip().splitlines()[-1])
+    assert f"frozen {real.frozen_scalars:,} scalars" in out and f"trainable {real.trainable_scalars:,} in" in out
+
+
+def test_a_7b_architecture_plans_on_the_meta_device_without_weights(hf, capsys):
+    from layerlock.cli import load_model
+
+    model = load_model("transformers:LlamaForCausalLM", config='{"hidden_size": 4096, "num_hidden_layers": 32}')
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) > 6_000_000_000
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    code, out, err = run(capsys, "summary", "transformers:LlamaForCausalLM", "--json")
+    assert code == 0, err
+    assert json.loads(out)["trainable_scalars"] == 6_738_415_616  # the default config is Llama 2 7B
+
+
+def test_an_auto_class_takes_the_model_type_and_a_config_file_is_taken_as_is(hf, tmp_path, capsys):
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}
+    code, out, err = run(capsys, "plan", "transformers:AutoModelForCausalLM", "--config", json.dumps(config),
+                         "--spec", "freeze; unfreeze:transformer.h.1")
+    assert code == 0, err
+    assert "transformer.h.1.attn" in out and "transformer.h.2" not in out
+    hf.BertConfig(**SMALL).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "summary", "transformers:BertModel", "--config", str(tmp_path))
+    assert code == 0, err
+    assert f"{sum(p.numel() for p in hf.BertModel(hf.BertConfig(**SMALL)).parameters()):,}" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", BERT, "--config", '{"num_hidden_layers": 4}', "--spec", "freeze:bert.encoder.layer.4"],
+     "pattern 'bert.encoder.layer.4' matches no layer or parameter; closest paths: bert.encoder.layer.3"),
+    (["plan", "transformers:BertForSequenceClasification", "--spec", "freeze"],
+     "no model class 'BertForSequenceClasification' (MODEL transformers:BertForSequenceClasification); "
+     "closest: BertForSequenceClassification"),
+    (["summary", "transformers:BertConfig"], "is not a model class"),
+    (["plan", BERT, "--config", '{"num_hiden_layers": 4}', "--spec", "freeze"],
+     "--config key 'num_hiden_layers' is not a BertConfig key; closest: num_hidden_layers"),
+    (["plan", BERT, "--config", '{"zzz": 1}', "--spec", "freeze"], "BertConfig keys: add_cross_attention,"),
+    (["plan", BERT, "--config", '{"num_hidden_layers": "four"}', "--spec", "freeze"], "expected int, got str"),
+    (["plan", BERT, "--config", "{num_hidden_layers: 4}", "--spec", "freeze"], "--config is not valid JSON"),
+    (["plan", BERT, "--config", "missing.json", "--spec", "freeze"], "neither a JSON object nor a config.json"),
+    (["plan", BERT, "--config", '{"model_type": "gpt2"}', "--spec", "freeze"], "takes model_type 'bert'"),
+    (["summary", "transformers:AutoModel"], 'needs "model_type" in --config'),
+    (["summary", "transformers:AutoModel", "--config", '{"model_type": "lama"}'], "closest: llama"),
+])
+def test_transformers_errors_are_one_line_and_exit_2(hf, capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("layerlock: error: ")
+    assert message in err
