@@ -24,7 +24,7 @@ from .worker import KERAS_SUITES
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEP_SUITES = ("torch", "keras-tf", "keras-torch", "jax")
-SECTIONS = (*STEP_SUITES, "apply", "import")
+SECTIONS = (*STEP_SUITES, "apply", "trainer", "import")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
 IMPORT_REPS = {True: 10, False: 40}
@@ -76,7 +76,7 @@ def framework_missing(suite: str) -> str | None:
     import importlib.util
 
     needs = {"torch": ["torch"], "keras-tf": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"],
-             "jax": ["jax", "flax", "optax"]}
+             "jax": ["jax", "flax", "optax"], "trainer": ["torch", "transformers", "accelerate"]}
     missing = [m for m in needs[suite] if importlib.util.find_spec(m) is None]
     return f"{', '.join(missing)} not installed" if missing else None
 
@@ -113,7 +113,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict
     the date it was measured on (``meta.measured``)."""
     measured = old["meta"].setdefault("measured", {})
     for section in sections:
-        if section in ("apply", "import"):
+        if section in ("apply", "trainer", "import"):
             old[section] = new[section]
         else:
             old["steps"][section] = new["steps"][section]
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "device": device, "device_name": env.device_name(device), "machine": env.machine(),
                  "versions": env.versions(), "threads": args.threads,
                  "omp_wait_policy": worker_env("torch", device)["OMP_WAIT_POLICY"]},
-        "steps": {}, "memory": {}, "apply": {}, "import": {}, "skipped": {}}
+        "steps": {}, "memory": {}, "apply": {}, "trainer": {}, "import": {}, "skipped": {}}
     suites = [s for s in STEP_SUITES if s in args.only]
     elapsed = results["meta"]["elapsed_s"] = {}
     clock = time.perf_counter()
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
         elapsed[task] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("import" in args.only),
+    with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("trainer" in args.only) + ("import" in args.only),
               desc="benchmarks", unit="task") as bar:
         for suite in suites:
             bar.set_postfix_str(f"steps {suite}")
@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> Path:
                 results["apply"][suite] = run_worker("apply", suite, [], args, "cpu")
                 lap(f"apply {suite}")
                 bar.update()
+        if "trainer" in args.only:
+            bar.set_postfix_str("Hugging Face Trainer")
+            why = framework_missing("trainer")
+            results["trainer"] = {"error": why} if why else run_worker("trainer", "torch", [], args, "cpu")
+            lap("trainer")
+            bar.update()
         if "import" in args.only:
             bar.set_postfix_str("import time")
             results["import"] = overhead.import_time(IMPORT_REPS[args.quick])

@@ -1,11 +1,14 @@
 """Apply overhead (``ll.plan`` / ``ll.apply`` against a hand-written fnmatch loop and,
-for torch, Lightning's ``BaseFinetuning.freeze``) and import time. Each timed call starts from the same all-trainable model: an untimed reset
+for torch, Lightning's ``BaseFinetuning.freeze``), the Hugging Face Trainer callback's
+time per step, and import time. Each timed call starts from the same all-trainable model: an untimed reset
 runs between calls, because applying a spec to an already frozen model does less work."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -146,3 +149,99 @@ def import_time(reps: int) -> dict[str, Any]:
     stats = {k: {"samples_s": s, **summarize(s)} for k, s in samples.items()}
     added = stats["import layerlock"]["median"] - stats["pass"]["median"]
     return {"commands": stats, "added_ms": 1e3 * added}
+
+
+TRAINER_STEPS = {True: 24, False: 60}   # three phases of equal length
+TRAINER_REPS = {True: 2, False: 6}
+
+
+def run_trainer(quick: bool) -> dict[str, Any]:
+    """Time per ``Trainer`` step of a small BERT under a three-phase unfreezing schedule by
+    step, with ``layerlock.transformers.FreezeScheduler`` and with a hand-written callback
+    doing the same transitions (``requires_grad`` + ``add_param_group`` + the scheduler's
+    lists), interleaved. Both runs train the same parameters at every step."""
+    import torch
+    import transformers
+
+    import layerlock as ll
+    from layerlock.transformers import FreezeScheduler
+
+    transformers.logging.set_verbosity_error()
+    steps, batch, lr = TRAINER_STEPS[quick], 8, 1e-3
+    third = steps // 3
+    blocks = ("bert.encoder.layer.2.", "bert.encoder.layer.3.")
+    schedule = ll.Schedule({0: ll.freeze("bert"), third: ll.unfreeze(*(b[:-1] for b in blocks)),
+                            2 * third: ll.unfreeze()})
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(1, 1000, (steps * batch, 16), generator=g)
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
+
+    class Timer(transformers.TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+    class Hand(transformers.TrainerCallback):
+        """The same schedule written by hand, as a Trainer user would without layerlock."""
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                          lr_scheduler: Any = None, **kwargs: Any) -> None:
+            if state.global_step not in (third, 2 * third):
+                return
+            prefixes = blocks if state.global_step == third else ("",)
+            new = [p for n, p in model.named_parameters() if n.startswith(prefixes) and not p.requires_grad]
+            for p in new:
+                p.requires_grad_(True)
+            optimizer.add_param_group({"params": new, "initial_lr": lr,
+                                       "lr": lr * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)})
+            lr_scheduler.base_lrs.append(lr)
+            lr_scheduler.lr_lambdas.append(lr_scheduler.lr_lambdas[0])
+
+    def run(mode: str) -> list[float]:
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
+        model = transformers.BertForSequenceClassification(config)
+        timer = Timer()
+        if mode == "hand":
+            for n, p in model.named_parameters():
+                p.requires_grad_(not n.startswith("bert."))
+            callbacks: list[Any] = [timer, Hand()]
+        else:
+            callbacks = [timer, FreezeScheduler(schedule, unit="step", log=None)]
+        args = transformers.TrainingArguments(
+            output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+            warmup_steps=2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+            logging_strategy="no", dataloader_num_workers=0)
+        transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks).train()
+        return [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+
+    samples: dict[str, list[list[float]]] = {"hand": [], "layerlock": []}
+    for r in range(TRAINER_REPS[quick] + 1):  # the first round warms up and is dropped
+        for mode in (("hand", "layerlock") if r % 2 else ("layerlock", "hand")):
+            times = run(mode)
+            if r:
+                samples[mode].append(times)
+    out: dict[str, Any] = {"steps": steps, "transitions": [third, 2 * third], "reps": TRAINER_REPS[quick],
+                           "model": "BertForSequenceClassification, hidden 64, 4 layers, sequence 16, batch 8", "modes": {}}
+    for mode, runs in samples.items():
+        per_step = [statistics.median(run[s] for run in runs) for s in range(steps)]
+        out["modes"][mode] = {"median_step_s": statistics.median(per_step), "mean_step_s": statistics.mean(per_step),
+                              "transition_steps_s": [per_step[third], per_step[2 * third]]}
+    a, b = out["modes"]["layerlock"], out["modes"]["hand"]
+    out["step/hand"] = a["median_step_s"] / b["median_step_s"]
+    out["mean step/hand"] = a["mean_step_s"] / b["mean_step_s"]
+    return out

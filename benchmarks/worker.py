@@ -130,10 +130,16 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     return overhead.run(args.suite, args.quick)
 
 
+def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    from . import overhead
+    set_threads(args.threads)
+    return overhead.run_trainer(args.quick)
+
+
 def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    p.add_argument("task", choices=("steps", "probe", "apply"))
+    p.add_argument("task", choices=("steps", "probe", "apply", "trainer"))
     p.add_argument("suite", choices=("torch", *KERAS_SUITES, "jax"))
     p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
     p.add_argument("--quick", action="store_true")
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     *extra, out = args.rest
     if args.task == "probe":
         args.case, args.mode = extra
-    result = {"steps": run_steps, "probe": run_probe, "apply": run_apply}[args.task](args)
+    result = {"steps": run_steps, "probe": run_probe, "apply": run_apply, "trainer": run_trainer}[args.task](args)
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -232,14 +232,19 @@ class Summary:
     @classmethod
     def of(cls, root: Node | Tree) -> Summary:
         tree = Tree.of(root)
-        blocks = [(0, tree.first[0], tree.first[1], tree.held[0])] if tree.first[1] > tree.first[0] else []
-        blocks += [(j, tree.first[j], tree.first[tree.end[j]], any(tree.held[j:tree.end[j]]))
-                   for j in tree.children(0)]
+        # one row per block depth counts (the children of tree.root), and a "(root)" row for
+        # the parameters outside them (the model's own, or a wrapper's such as a prompt encoder)
+        blocks = [(j, range(tree.first[j], tree.first[tree.end[j]]), any(tree.held[j:tree.end[j]]))
+                  for j in tree.children(tree.root)]
+        inside = {o for _, r, _ in blocks for o in r}
+        rest = [o for o in range(len(tree.param_paths)) if o not in inside]
+        if rest:
+            blocks.insert(0, (0, rest, tree.held[0]))
         seen: set[Hashable] = set()
         rows = []
-        for j, a, b, held in blocks:
+        for j, occurrences, held in blocks:
             counts = [0, 0, 0, 0]  # frozen tensors, frozen scalars, trainable tensors, trainable scalars
-            for o in range(a, b):
+            for o in occurrences:
                 if tree.param_keys[o] not in seen:
                     seen.add(tree.param_keys[o])
                     counts[2 * tree.trainable[o]] += 1

@@ -195,3 +195,19 @@ def test_accelerate_prepare_is_read_through(tmp_path):
     step()
     assert all(not torch.equal(p, top[n]) for n, p in model.named_parameters() if n in top)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_lora_adapters_train_and_the_top_blocks_join_after_one_epoch(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                        modules_to_save=["classifier"]))
+    # written against the base model's paths; the adapters and the head copy by their patterns
+    schedule = ll.Schedule({0: ll.freeze().unfreeze("*lora_*", "*.modules_to_save.*"), 1: TOP})
+    probe = Probe()
+    trainer(model, tmp_path, [FreezeScheduler(schedule, log=None), probe], epochs=2).train()
+
+    adapters = {n for n, _ in model.named_parameters() if "lora_" in n or ".modules_to_save." in n}
+    top = {n for n, _ in model.named_parameters()
+           if n.startswith(("base_model.model.bert.encoder.layer.2.", "base_model.model.bert.encoder.layer.3."))}
+    assert probe.moved[0] == adapters  # the base model and classifier.original_module bit-identical
+    assert probe.moved[1] == adapters | top
