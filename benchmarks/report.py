@@ -281,6 +281,8 @@ def section(results: dict[str, Any], img: str) -> list[str]:
                 f"{'n/a' if g is None else f'{g:.2f}×'}, the hand loop {'n/a' if h is None else f'{h:.2f}×'} "
                 "in the same run.", "",
                 f"![apply overhead]({img}-apply.png)", ""]
+    if trainer := results.get("trainer"):
+        out += ["### Hugging Face Trainer callback", ""] + trainer_section(trainer)
     imp = results["import"]
     if imp:
         c = imp["commands"]
@@ -288,6 +290,20 @@ def section(results: dict[str, Any], img: str) -> list[str]:
             [f"`python -c \"{k}\"`", _ms(v["median"]), _ms(v["iqr"]), v["n"]] for k, v in c.items()]),
             "", f"`import layerlock` adds **{imp['added_ms']:.1f} ms** (difference of medians).", ""]
     return out
+
+
+def trainer_section(data: dict[str, Any]) -> list[str]:
+    """Time per Trainer step with the callback and with the same schedule written by hand."""
+    if "modes" not in data:
+        return [f"Not run: {data.get('error', 'unknown').splitlines()[0]}", ""]
+    titles = {"hand": "hand-written callback", "layerlock": "`layerlock.transformers.FreezeScheduler`"}
+    rows = [[titles[m], _ms(v["median_step_s"]), _ms(v["mean_step_s"]),
+             " / ".join(_ms(t) for t in v["transition_steps_s"])] for m, v in data["modes"].items()]
+    return [f"{data['model']}; {data['steps']} steps with phase changes at steps "
+            f"{' and '.join(map(str, data['transitions']))}; median of {data['reps']} interleaved runs per step.", "",
+            table(["callback", "median step ms", "mean step ms", "transition steps ms"], rows), "",
+            f"layerlock ÷ hand: **{data['step/hand']:.2f}×** per step (median), "
+            f"{data['mean step/hand']:.2f}× on the mean that includes the two transitions.", ""]
 
 
 def _load(values: list[float] | None) -> str:
@@ -341,6 +357,12 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
   parameter tensors (blocks of two tiny Linear layers), BERT-base (built on the meta device)
   and MobileNetV2 (224×224, compiled, after one step). Each timed call starts from an
   all-trainable model.
+- **Hugging Face Trainer callback**: the time of each `Trainer` step (from one `on_step_begin`
+  to the next, so every callback's work is in it) of a small BERT classifier under a
+  three-phase schedule by step (head only, then the top two blocks, then everything), with
+  `layerlock.transformers.FreezeScheduler` and with a hand-written callback that does the same
+  transitions (`requires_grad_` + `add_param_group` + extending the scheduler's lists), runs
+  interleaved. Both train the same parameters at every step.
 - **Import time**: `python -c "import layerlock"` against `python -c pass`, interleaved.
 
 Models. PyTorch: a CNN with BatchNorm (4 stages of 2 conv-BN-ReLU), `nn.TransformerEncoder`
