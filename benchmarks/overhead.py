@@ -195,20 +195,24 @@ def run_trainer(quick: bool) -> dict[str, Any]:
             self.marks.append(time.perf_counter())
 
     class Hand(transformers.TrainerCallback):
-        """The same schedule written by hand, as a Trainer user would without layerlock."""
+        """The same schedule written by hand, as a Trainer user would without layerlock, with
+        the same optimizer layout (new weight-decay and no-decay groups at each phase)."""
 
         def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                           lr_scheduler: Any = None, **kwargs: Any) -> None:
             if state.global_step not in (third, 2 * third):
                 return
             prefixes = blocks if state.global_step == third else ("",)
-            new = [p for n, p in model.named_parameters() if n.startswith(prefixes) and not p.requires_grad]
-            for p in new:
+            new = [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes) and not p.requires_grad]
+            decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+            for _, p in new:
                 p.requires_grad_(True)
-            optimizer.add_param_group({"params": new, "initial_lr": lr,
-                                       "lr": lr * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)})
-            lr_scheduler.base_lrs.append(lr)
-            lr_scheduler.lr_lambdas.append(lr_scheduler.lr_lambdas[0])
+            for weight_decay, params in ((args.weight_decay, [p for n, p in new if n in decay]),
+                                         (0.0, [p for n, p in new if n not in decay])):
+                optimizer.add_param_group({"params": params, "weight_decay": weight_decay, "initial_lr": lr,
+                                           "lr": lr * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)})
+                lr_scheduler.base_lrs.append(lr)
+                lr_scheduler.lr_lambdas.append(lr_scheduler.lr_lambdas[0])
 
     def run(mode: str) -> list[float]:
         torch.manual_seed(0)

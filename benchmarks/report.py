@@ -361,8 +361,9 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
   to the next, so every callback's work is in it) of a small BERT classifier under a
   three-phase schedule by step (head only, then the top two blocks, then everything), with
   `layerlock.transformers.FreezeScheduler` and with a hand-written callback that does the same
-  transitions (`requires_grad_` + `add_param_group` + extending the scheduler's lists), runs
-  interleaved. Both train the same parameters at every step.
+  transitions (`requires_grad_`, then `add_param_group` for a weight-decay and a no-decay
+  group as the Trainer splits them, and extending the scheduler's lists), runs interleaved.
+  Both train the same parameters in the same optimizer groups at every step.
 - **Import time**: `python -c "import layerlock"` against `python -c pass`, interleaved.
 
 Models. PyTorch: a CNN with BatchNorm (4 stages of 2 conv-BN-ReLU), `nn.TransformerEncoder`

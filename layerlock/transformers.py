@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .errors import LayerlockError, SpecError
+from .errors import DistributedFreezeError, LayerlockError, SpecError
+from .operations import plan
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, PhaseStepper, Schedule
@@ -85,6 +86,7 @@ class FreezeScheduler(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self.stepper.check(model)
+        self._refuse_ddp(args, model)
         _warn_recompiles(self.schedule, model)
         self._model, self._args = model, args
         self._optimizer, self._scheduler = _unwrap_prepared(optimizer), _unwrap_prepared(lr_scheduler)
@@ -114,6 +116,23 @@ class FreezeScheduler(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.unit == "step":
             self._advance(state, state.global_step)
+
+    def _refuse_ddp(self, args: Any, model: Any) -> None:
+        """Under several processes the Trainer wraps the model (DDP, FSDP, DeepSpeed) once,
+        with the first phase's trainable set: a parameter unfrozen later would train on each
+        rank without its gradient being averaged, and the replicas would drift apart."""
+        if getattr(args, "world_size", 1) <= 1 or len(self.schedule.phases) < 2:
+            return
+        first = set(plan(model, self.schedule.spec_at(self.schedule.phases[0].epoch), **self.stepper.options).trainable)
+        later = {p for phase in self.schedule.phases[1:]
+                 for p in plan(model, self.schedule.spec_at(phase.epoch), **self.stepper.options).trainable} - first
+        if later:
+            raise DistributedFreezeError(
+                f"this schedule unfreezes {len(later)} tensors after its first phase (e.g. {min(later)}), but with "
+                f"{args.world_size} processes the Trainer's distributed wrapper was built with the first phase's "
+                "trainable set: their gradients would not be averaged across ranks and the replicas would drift "
+                "apart. Run each phase as its own trainer.train() with a new Trainer (its wrapper is built after "
+                "the phase is applied), or train on one process.")
 
     # -- phases ---------------------------------------------------------------------------
 

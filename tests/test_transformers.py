@@ -211,3 +211,17 @@ def test_lora_adapters_train_and_the_top_blocks_join_after_one_epoch(tmp_path):
            if n.startswith(("base_model.model.bert.encoder.layer.2.", "base_model.model.bert.encoder.layer.3."))}
     assert probe.moved[0] == adapters  # the base model and classifier.original_module bit-identical
     assert probe.moved[1] == adapters | top
+
+
+def test_several_processes_refuse_a_schedule_that_unfreezes_later(tmp_path):
+    from types import SimpleNamespace
+
+    model = bert()
+    callback = FreezeScheduler(SCHEDULE, log=None)
+    state = transformers.TrainerState()
+    with pytest.raises(ll.DistributedFreezeError, match="2 processes"):
+        callback.on_train_begin(SimpleNamespace(world_size=2), state, None, model=model,
+                                optimizer=torch.optim.AdamW(model.parameters()), lr_scheduler=None)
+    assert all(p.requires_grad for p in model.parameters())  # refused before changing anything
+    freeze_only = FreezeScheduler(ll.Schedule({0: ll.freeze("bert.embeddings"), 1: ll.freeze("bert")}), log=None)
+    freeze_only._refuse_ddp(SimpleNamespace(world_size=2), model)  # nothing joins later: allowed
