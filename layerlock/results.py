@@ -9,7 +9,7 @@ entries), :class:`State` and :class:`Summary`. No framework, no model: just data
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -234,8 +234,9 @@ class Summary:
         tree = Tree.of(root)
         # one row per block depth counts (the children of tree.root), and a "(root)" row for
         # the parameters outside them (the model's own, or a wrapper's such as a prompt encoder)
-        blocks = [(j, range(tree.first[j], tree.first[tree.end[j]]), any(tree.held[j:tree.end[j]]))
-                  for j in tree.children(tree.root)]
+        blocks: list[tuple[int, Sequence[int], bool]] = [
+            (j, range(tree.first[j], tree.first[tree.end[j]]), any(tree.held[j:tree.end[j]]))
+            for j in tree.children(tree.root)]
         inside = {o for _, r, _ in blocks for o in r}
         rest = [o for o in range(len(tree.param_paths)) if o not in inside]
         if rest:
