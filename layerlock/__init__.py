@@ -27,10 +27,12 @@ _API = {
     # using specs
     "plan": "operations", "apply": "operations", "summary": "operations",
     "snapshot": "operations", "restore": "operations", "frozen": "operations", "fingerprint": "operations",
+    "check": "operations",
     # schedules
     "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
     # reports and values
     "Plan": "results", "ParamPlan": "results", "LayerPlan": "results", "Summary": "results", "State": "results",
+    "Report": "results", "Finding": "results",
 }
 _ERRORS = ["LayerlockError", "SpecError", "NoMatchError", "BackendError", "DistributedFreezeError",
            "LayerlockWarning"]
@@ -42,8 +44,8 @@ TYPE_CHECKING = False  # not `from typing import ...`: importing typing alone co
 if TYPE_CHECKING:
     from typing import Any
 
-    from .operations import apply, fingerprint, frozen, plan, restore, snapshot, summary
-    from .results import LayerPlan, ParamPlan, Plan, State, Summary
+    from .operations import apply, check, fingerprint, frozen, plan, restore, snapshot, summary
+    from .results import Finding, LayerPlan, ParamPlan, Plan, Report, State, Summary
     from .schedule import Phase, Schedule, gradual
     from .spec import Rule, Spec, freeze, unfreeze
 

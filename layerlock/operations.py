@@ -23,7 +23,7 @@ from typing import Any
 from .backends import Backend, get_backend
 from .errors import LayerlockError, SpecError
 from .resolver import BnPolicy, check_options, resolve
-from .results import Plan, State, Summary
+from .results import Plan, Report, State, Summary
 from .spec import Spec, freeze
 
 WHICH = ("frozen", "trainable", "all")
@@ -144,6 +144,31 @@ def frozen(model: Any, spec: Spec | None = None, *, strict: bool = True, bn: BnP
         yield result
     finally:
         restore(model, state)
+
+
+def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPolicy | None = None,
+          schedule: Any = None) -> Report:
+    """Look for the silent freezing bugs in a training set-up and report each with its fix;
+    changes nothing. What is looked for depends on the framework (see ``docs/check.md``):
+    trainable parameters the ``optimizer`` does not hold (they never train), frozen ones it
+    keeps state for, norm layers whose weights are all frozen but whose statistics still move
+    (unless ``bn="trainable"`` says that is intended), reentrant activation checkpointing over
+    frozen inputs, distributed wrappers or compiled models that do not match the trainable
+    set, an LR ``scheduler`` that does not cover every optimizer group, and a ``schedule``
+    with more trainable sets than ``torch.compile`` recompiles for.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> opt = torch.optim.SGD(net[1].parameters(), lr=0.1)
+    >>> ll.check(net, opt).kinds
+    ('not-in-optimizer',)
+    """
+    if bn is not None:
+        check_options(Spec(), bn, None)
+    backend = get_backend(model)
+    finder = getattr(backend, "check", None)
+    findings = finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule) if finder else []
+    return Report(tuple(findings), backend.name)
 
 
 def fingerprint(model: Any, which: str = "frozen") -> str:

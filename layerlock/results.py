@@ -274,3 +274,62 @@ class Summary:
                       count(self.frozen_scalars), sum(r.frozen_tensors for r in self.rows), ""))
         head = ("block", "kind", "trainable", "tensors", "frozen", "tensors", "mode")
         return table(head, body, right=(2, 3, 4, 5)) + f"\ntrainable: {share} of {count(total)} scalars"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One freezing problem :func:`layerlock.check` found in a set-up: ``kind`` (a short id,
+    e.g. ``"not-in-optimizer"``), what goes wrong (``problem``), the ``fix``, the ``paths``
+    concerned and, where it applies, the trainable ``scalars`` or the ``bytes`` at stake.
+
+    >>> Finding("not-in-optimizer", "never trained", "add them", ("fc.bias",), scalars=3).paths
+    ('fc.bias',)
+    """
+
+    kind: str
+    problem: str
+    fix: str
+    paths: tuple[str, ...] = ()
+    scalars: int = 0
+    bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "problem": self.problem, "fix": self.fix, "paths": list(self.paths),
+                "scalars": self.scalars, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`layerlock.check` found; empty (and false) for a clean set-up.
+    ``str(report)`` is a table with each problem and its fix.
+
+    >>> r = Report((Finding("not-in-optimizer", "never trained", "add them", ("fc.bias",), scalars=3),))
+    >>> bool(r), r.kinds, bool(Report(()))
+    (True, ('not-in-optimizer',), False)
+    """
+
+    findings: tuple[Finding, ...]
+    backend: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.findings)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(f.kind for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "findings": [f.to_dict() for f in self.findings]}
+
+    def __str__(self) -> str:
+        if not self.findings:
+            return "layerlock.check: no freezing problems found"
+        rows, notes = [], []
+        for i, f in enumerate(self.findings, 1):
+            shown = ", ".join(f.paths[:3]) + (f", ... ({len(f.paths)} in all)" if len(f.paths) > 3 else "")
+            cost = ", ".join(x for x in (f"{count(f.scalars)} scalars" if f.scalars else "",
+                                         f"{count(f.bytes)} bytes" if f.bytes else "") if x)
+            rows.append((i, f.kind, shown or "-", cost or "-"))
+            notes.append(f"{i}. {f.problem}\n   fix: {f.fix}")
+        head = f"layerlock.check: {len(self.findings)} freezing problem{'s' * (len(self.findings) > 1)}"
+        return "\n".join([head, table(("#", "problem", "where", "at stake"), rows), "", *notes])

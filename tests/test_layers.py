@@ -16,6 +16,7 @@ LAYERS = [
     {"results"},                                     # plain result values
     {"resolver"},                                    # the pure resolver
     {"backends"},                                    # protocol and registry
+    {"backends.keras_internals"},                    # every private Keras/TF attribute, guarded
     {"backends.torch", "backends.keras", "backends.flax"},            # translation tables
     {"operations"},                                  # plan, apply, summary, state
     {"schedule"},

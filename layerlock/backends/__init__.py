@@ -45,6 +45,8 @@ class Backend(Protocol):
     - ``apply(model, plan)``: set the flags and modes the plan decides.
     - ``read(model)`` / ``write(model, state)``: snapshot and restore a :class:`State`.
     - ``weights(model)``: ``(path, trainable, bytes)`` for each unique parameter.
+    - optional ``check(model, optimizer, *, scheduler, bn, schedule)``: the list of
+      :class:`~layerlock.results.Finding` that :func:`layerlock.check` reports.
     """
 
     name: str
