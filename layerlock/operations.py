@@ -146,7 +146,7 @@ def frozen(model: Any, spec: Spec | None = None, *, strict: bool = True, bn: BnP
         restore(model, state)
 
 
-def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPolicy | None = None,
+def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPolicy = "follow",
           schedule: Any = None) -> Report:
     """Look for the silent freezing bugs in a training set-up and report each with its fix;
     changes nothing. What is looked for depends on the framework (see ``docs/check.md``):
@@ -163,8 +163,7 @@ def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPol
     >>> ll.check(net, opt).kinds
     ('not-in-optimizer',)
     """
-    if bn is not None:
-        check_options(Spec(), bn, None)
+    check_options(Spec(), bn, None)
     backend = get_backend(model)
     finder = getattr(backend, "check", None)
     findings = finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule) if finder else []

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import json
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ._format import count
-from .errors import LayerlockError, SpecError
-from .operations import apply, plan
+from .errors import LayerlockError, LayerlockWarning, SpecError
+from .operations import apply, check, plan
 from .resolver import BnPolicy, check_options
-from .results import Plan
+from .results import Plan, Report
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
 
@@ -147,11 +148,29 @@ class Schedule:
         dump_data(self.to_dict(), path)
 
 
+def warn_check(model: Any, optimizer: Any = None, scheduler: Any = None, *, bn: BnPolicy = "follow",
+               schedule: Schedule | None = None) -> Report:
+    """Run :func:`layerlock.check` on a training set-up and warn once, with its table, when
+    it finds something: what the freeze schedulers and callbacks do when training starts.
+
+    >>> import torch, layerlock as ll
+    >>> net = torch.nn.Linear(2, 1)
+    >>> bool(warn_check(net, torch.optim.SGD(net.parameters(), lr=0.1)))
+    False
+    """
+    report = check(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule)
+    if report:
+        warnings.warn(str(report), LayerlockWarning, stacklevel=3)
+    return report
+
+
 class LoopScheduler:
     """What a freeze scheduler for a plain training loop does in every framework: call
     ``step(epoch)`` at the start of each epoch; on a phase change it applies the spec, calls
     the framework's ``_sync(phase, plan)`` (optimizer housekeeping, a note for the log) and
-    logs one line. Every phase is checked when it is built. ``state_dict`` /
+    logs one line. Every phase is checked when it is built, and at the first ``step`` the
+    set-up is checked with :func:`layerlock.check` (a warning with the report if it finds
+    something). ``state_dict`` /
     ``load_state_dict`` resume: call ``load_state_dict`` before restoring the optimizer, it
     replays the phases so the optimizer has the interrupted run's layout.
 
@@ -168,6 +187,7 @@ class LoopScheduler:
         self.schedule, self.model, self.log = schedule, model, log
         self.epoch = -1
         self.stepper.check(model)
+        self._checked = False
 
     @property
     def phase(self) -> int:
@@ -178,6 +198,10 @@ class LoopScheduler:
         """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
         self.epoch = epoch
         change = self.stepper.step(self.model, epoch, self._sync)
+        if not self._checked:  # the set-up as training starts: the first phase and its optimizer
+            self._checked = True
+            warn_check(self.model, getattr(self, "optimizer", None), getattr(self, "scheduler", None),
+                       bn=self.stepper.options["bn"], schedule=self.schedule)
         if change is None:
             return None
         if self.log is not None:

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 
 from .backends import get_backend
-from .backends.torch import TorchBackend, ddp_of, unwrap
-from .errors import DistributedFreezeError, LayerlockError, LayerlockWarning, SpecError
+from .backends.torch import TorchBackend, ddp_of, unwrap, unwrap_prepared
+from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
 from .resolver import BnPolicy, blocks, select
 from .results import Plan
@@ -159,7 +159,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     >>> sync_optimizer(opt, net), sync_optimizer(opt, net)
     (['bias'], [])
     """
-    optimizer, scheduler = _unwrap_prepared(optimizer), _unwrap_prepared(scheduler)
+    optimizer, scheduler = unwrap_prepared(optimizer), unwrap_prepared(scheduler)
     known = {id(p) for g in optimizer.param_groups for p in g["params"]}
     new = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in known]
     if not new:
@@ -175,17 +175,6 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     if scheduler is not None:
         _extend_scheduler(scheduler, optimizer.param_groups[-1])
     return [n for n, _ in new]
-
-
-def _unwrap_prepared(obj: Any) -> Any:
-    """The torch optimizer or LR scheduler inside an Accelerate ``AcceleratedOptimizer`` /
-    ``AcceleratedScheduler`` (what ``accelerator.prepare`` returns); anything else as it is."""
-    name = type(obj).__name__
-    if name == "AcceleratedOptimizer":
-        return obj.optimizer
-    if name == "AcceleratedScheduler":
-        return obj.scheduler
-    return obj
 
 
 def structure_fingerprint(model: torch.nn.Module) -> str:
@@ -260,29 +249,6 @@ def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
     return digest
 
 
-def _compiled(model: torch.nn.Module) -> bool:
-    return type(model).__name__ == "OptimizedModule" or any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in unwrap(model).modules())
-
-
-def _warn_recompiles(schedule: Schedule, model: torch.nn.Module) -> None:
-    """torch.compile guards on requires_grad: each new trainable set recompiles, and past
-    dynamo's recompile limit it silently falls back to eager."""
-    if not _compiled(model):
-        return
-    import torch._dynamo
-
-    limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
-    if len(schedule.phases) + 1 > limit:
-        import warnings
-
-        warnings.warn(
-            f"this schedule has {len(schedule.phases)} phases on a torch.compile'd model; each new trainable "
-            f"set recompiles, and past torch._dynamo.config.recompile_limit={limit} dynamo falls back to eager "
-            f"for good. Raise it first: torch._dynamo.config.recompile_limit = {len(schedule.phases) + 2}",
-            LayerlockWarning, stacklevel=3)
-
-
 class FreezeScheduler(LoopScheduler):
     """Apply a :class:`~layerlock.Schedule` in a plain PyTorch loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, adds newly trainable
@@ -306,7 +272,6 @@ class FreezeScheduler(LoopScheduler):
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
         super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
         self.optimizer, self.scheduler = optimizer, scheduler
-        _warn_recompiles(schedule, model)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

@@ -41,7 +41,9 @@ from .operations import plan
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, PhaseStepper, Schedule
-from .torch import _check_scheduler, _extend_scheduler, _unwrap_prepared, _warn_recompiles
+from .backends.torch import unwrap_prepared
+from .schedule import warn_check
+from .torch import _check_scheduler, _extend_scheduler
 
 __all__ = ["FreezeScheduler"]
 
@@ -87,9 +89,8 @@ class FreezeScheduler(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self.stepper.check(model)
         self._refuse_ddp(args, model)
-        _warn_recompiles(self.schedule, model)
         self._model, self._args = model, args
-        self._optimizer, self._scheduler = _unwrap_prepared(optimizer), _unwrap_prepared(lr_scheduler)
+        self._optimizer, self._scheduler = unwrap_prepared(optimizer), unwrap_prepared(lr_scheduler)
         if len(self.schedule.phases) > 1 and self._scheduler is not None:
             _check_scheduler(self._scheduler)  # refuse before the first step, not at a transition
         groups = self._optimizer.param_groups
@@ -108,6 +109,7 @@ class FreezeScheduler(TrainerCallback):
             self._restore(saved)
             self._advance(state, self._at(state))
         self._install_hooks()
+        warn_check(model, self._optimizer, self._scheduler, bn=self.stepper.options["bn"], schedule=self.schedule)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.unit == "epoch":

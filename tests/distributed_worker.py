@@ -96,6 +96,13 @@ def scenarios(rank):
     ll.apply(inner, ll.unfreeze().freeze("4"))
     out["check_ranks_agree"] = {"digest": llt.check_ranks(inner)}
 
+    inner = make()
+    ll.apply(inner, ll.freeze("0"))
+    ddp = DDP(inner)
+    inner[0].requires_grad_(True)  # unfrozen by hand after wrapping: never all-reduced
+    out["check_stale_ddp"] = {"clean_before": not ll.check(make()), "synced": train(ddp, inner, 2, rank),
+                              "kinds": list(ll.check(ddp).kinds)}
+
     out["fsdp2"] = fsdp2(rank)
     out["fsdp1"] = fsdp1()
     return out

@@ -46,12 +46,12 @@ def test_compiled_model_after_apply_trains_like_eager():
 def test_schedule_beyond_the_recompile_limit_warns_before_training():
     model = make()
     compiled = torch.compile(model, backend="eager")
-    with pytest.warns(ll.LayerlockWarning, match="recompile_limit"):
-        llt.FreezeScheduler(ll.Schedule({e: ll.freeze() for e in range(12)}), compiled, None, log=None)
+    with pytest.warns(ll.LayerlockWarning, match="recompile_limit"):  # at the first step, before training
+        llt.FreezeScheduler(ll.Schedule({e: ll.freeze() for e in range(12)}), compiled, None, log=None).step(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        llt.FreezeScheduler(ll.gradual(3), compiled, None, log=None)
-        llt.FreezeScheduler(ll.Schedule({e: ll.freeze() for e in range(12)}), model, None, log=None)
+        llt.FreezeScheduler(ll.gradual(3), compiled, None, log=None).step(0)
+        llt.FreezeScheduler(ll.Schedule({e: ll.freeze() for e in range(12)}), model, None, log=None).step(0)
 
 
 def test_reentrant_checkpoint_after_a_frozen_input_loses_gradients_and_the_documented_fix_works():

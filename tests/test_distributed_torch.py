@@ -89,3 +89,9 @@ def test_fsdp1_refuses_changes_after_wrapping(ranks):
         if "skipped" in r:
             pytest.skip(r["skipped"])
         assert "FullyShardedDataParallel" in r["error"]
+
+
+def test_check_names_a_wrapper_built_with_another_trainable_set_and_the_ranks_really_drift(ranks):
+    for r in both(ranks, "check_stale_ddp"):
+        assert r["clean_before"] and not r["synced"]
+        assert r["kinds"] == ["stale-distributed-wrapper"]
