@@ -405,7 +405,7 @@ def _norm_findings(root: nn.Module) -> list[Finding]:
         return []
     return [Finding(
         "norm-statistics-move",
-        f"{len(moving)} norm layers have all their weights frozen but will update their running mean and "
+        "these norm layers have all their weights frozen but will update their running mean and "
         "variance in every training step (requires_grad does not stop them), so the frozen part's outputs drift",
         "freeze them with ll.apply(model, spec) (bn='follow' or 'frozen' holds them in eval mode through "
         "model.train()), or pass bn='trainable' to ll.check if the statistics should adapt",
