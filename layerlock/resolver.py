@@ -15,6 +15,7 @@ Every selection in layerlock goes through here: specs, and the patterns that hel
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Literal, TypeVar
@@ -274,15 +275,25 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
     layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec))
     paths, numels, before = tree.param_paths, tree.numels, tree.trainable
     aliases: dict[int, tuple[str, ...]] = {}
+    carried: dict[int, tuple[str, ...]] = {}
     if groups:  # a tied parameter is one row, under its first path
         secondary = {o for os in groups for o in os[1:]}
         rows = [o for o in range(len(paths)) if o not in secondary]
         row_of = {o: k for k, o in enumerate(rows)}
         aliases = {row_of[os[0]]: tuple(paths[o] for o in os[1:]) for os in groups}
+        carried = {row_of[os[0]]: missed for os in groups if (missed := _carried(res, os, rules[os[0]]))}
         paths, numels, before = [paths[o] for o in rows], [numels[o] for o in rows], [before[o] for o in rows]
         after, rules = [after[o] for o in rows], [rules[o] for o in rows]
-    return Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
-                layers, bn, frozen_mode, backend)
+    plan = Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
+                layers, bn, frozen_mode, backend, carried)
+    notes = [plan.tied_note(k) for k in carried if before[k] != after[k]]
+    if notes:
+        warnings.warn(
+            "a rule reached a tied tensor through some of its paths only; its decision covers the "
+            "other paths too:\n  " + "\n  ".join(notes)
+            + "\nTo decide the paths apart, untie the weights (e.g. tie_word_embeddings=False); to keep the "
+            "tie, say so with a last rule that names all its paths.", LayerlockWarning, stacklevel=_outside())
+    return plan
 
 
 def _check_whole_layers(tree: Tree, after: list[bool], backend: str) -> None:
@@ -311,6 +322,23 @@ def _check_tied(res: _Resolver, spec: Spec, occurrences: list[int]) -> None:
             f"tied parameter {' = '.join(paths[o] for o in occurrences)} is one tensor, but the rules "
             "disagree: " + "; ".join(f"{paths[o]} <- #{r} {spec.rules[r]!r}" for o, r in own.items() if r >= 0)
             + ". Add a last rule that names all its paths to decide it."))
+
+
+def _outside() -> int:
+    """The ``stacklevel`` that points a warning raised by our caller at the first frame
+    outside layerlock: the user's ``ll.plan`` / ``ll.apply`` call, however it got here."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("layerlock."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _carried(res: _Resolver, occurrences: list[int], rule: int | str | None) -> tuple[str, ...]:
+    """The paths of a tied parameter that its deciding ``rule`` did not select: the decision
+    carries them along (freeze("encoder") freezes T5's shared embedding under every path)."""
+    if not isinstance(rule, int):  # no rule, or the bn policy: nothing is carried by a rule
+        return ()
+    return tuple(res.tree.param_paths[o] for o in occurrences if rule not in res.selected_by[o])
 
 
 def _layer_plans(res: _Resolver, bn: str, frozen_mode: str | None, after: list[bool],

@@ -22,7 +22,8 @@ from .tree import Node, Tree
 class ParamPlan(NamedTuple):
     """The decision for one parameter: whether it is trainable before and after applying,
     the deciding ``rule`` (index into the spec's rules, ``"bn"`` for the bn policy, or None
-    when no rule selects it) and the other paths of a tied parameter (``aliases``)."""
+    when no rule selects it), the other paths of a tied parameter (``aliases``) and those of
+    its paths the deciding rule did not select, which its decision carries along (``carried``)."""
 
     path: str
     numel: int
@@ -30,6 +31,7 @@ class ParamPlan(NamedTuple):
     trainable_after: bool
     rule: int | str | None
     aliases: tuple[str, ...] = ()
+    carried: tuple[str, ...] = ()
 
 
 class LayerPlan(NamedTuple):
@@ -49,8 +51,9 @@ class Plan:
 
     The decisions are stored as columns, one entry per parameter (each tied parameter once,
     under its first path): ``paths``, ``numels``, ``trainable_before``, ``trainable_after``
-    and ``rules``; ``aliases`` maps a row to a tied parameter's other paths. ``params``
-    gives the same rows as :class:`ParamPlan` entries.
+    and ``rules``; ``aliases`` maps a row to a tied parameter's other paths, and ``carried``
+    to those of its paths (the first included) that the deciding rule did not select: the
+    decision covers them too. ``params`` gives the same rows as :class:`ParamPlan` entries.
 
     >>> import layerlock as ll
     >>> p = Plan(ll.freeze(), ("w", "b"), (4, 2), (True, True), (False, True), (0, None))
@@ -69,12 +72,13 @@ class Plan:
     bn: str = "follow"
     frozen_mode: str | None = None
     backend: str = ""
+    carried: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     @functools.cached_property
     def params(self) -> tuple[ParamPlan, ...]:
         """The decision for each parameter, as :class:`ParamPlan` rows."""
-        aliases = self.aliases
-        return tuple(ParamPlan(*row, aliases.get(i, ())) for i, row in enumerate(zip(
+        aliases, carried = self.aliases, self.carried
+        return tuple(ParamPlan(*row, aliases.get(i, ()), carried.get(i, ())) for i, row in enumerate(zip(
             self.paths, self.numels, self.trainable_before, self.trainable_after, self.rules)))
 
     @property
@@ -113,6 +117,24 @@ class Plan:
             return f"#{rule} {self.spec.rules[rule]!r}"
         return f"bn={self.bn!r}"
 
+    def tied_note(self, row: int) -> str:
+        """Which paths of tied parameter ``row`` the deciding rule reached, and which other
+        paths its decision carried along (empty when it reached them all).
+
+        >>> import layerlock as ll
+        >>> p = Plan(ll.freeze("head"), ("embed.w",), (4,), (True,), (False,), (0,),
+        ...          aliases={0: ("head.w",)}, carried={0: ("embed.w",)})
+        >>> p.tied_note(0)
+        "embed.w is tied: frozen by #0 freeze('head') through head.w; also frozen: embed.w"
+        """
+        carried = self.carried.get(row, ())
+        if not carried:
+            return ""
+        through = [p for p in (self.paths[row], *self.aliases.get(row, ())) if p not in carried]
+        verb = "unfrozen" if self.trainable_after[row] else "frozen"
+        return (f"{self.paths[row]} is tied: {verb} by {self.describe(self.rules[row])} through "
+                f"{', '.join(through)}; also {verb}: {', '.join(carried)}")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for scripts and the command line."""
         return {
@@ -122,7 +144,8 @@ class Plan:
             "frozen_mode": self.frozen_mode,
             "params": [
                 {"path": p.path, "numel": p.numel, "trainable_before": p.trainable_before,
-                 "trainable_after": p.trainable_after, "rule": p.rule, "aliases": list(p.aliases)}
+                 "trainable_after": p.trainable_after, "rule": p.rule, "aliases": list(p.aliases),
+                 "carried": list(p.carried)}
                 for p in self.params
             ],
             "layers": [
@@ -140,19 +163,21 @@ class Plan:
             parent, _, name = p.path.rpartition(".")
             if p.aliases:  # a tied parameter shows all its paths
                 name += f" (= {', '.join(p.aliases)})"
-            key = (parent, p.trainable_before, p.trainable_after, p.rule, p.aliases)
+            key = (parent, p.trainable_before, p.trainable_after, p.rule, p.aliases, p.carried)
             if rows and rows[-1][-1] == key:
                 rows[-1][0].append(name)
                 rows[-1][1] += p.numel
                 continue
             rows.append([[name], p.numel, p.trainable_before, p.trainable_after, p.rule, key])
         body = []
-        for names, numel, before, after, rule, (parent, *_) in rows:
+        for names, numel, before, after, rule, (parent, *_, carried) in rows:
             leaf = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
             change = f"{state_name(before)} -> {state_name(after)}" if before != after else state_name(after)
-            body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, self.describe(rule)))
+            decided = self.describe(rule) + (" (tied: see below)" if carried else "")
+            body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, decided))
         text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
                 table(("parameter", "scalars", "trainable", "decided by"), body, right=(1,))]
+        text += [self.tied_note(i) for i in self.carried]
         moved = [lp for lp in self.layers if lp.held_before != lp.held_after]
         if moved:
             text.append("inference mode: " + ", ".join(
