@@ -6,7 +6,8 @@
     layerlock --version
 
 Errors print one line to stderr and exit with status 2. Importing this module imports no
-framework: models are loaded, and frameworks imported, inside the commands.
+framework: models are loaded, and frameworks imported, inside the commands. TensorFlow's
+start-up log lines are kept off stderr (``TF_CPP_MIN_LOG_LEVEL=0`` shows them).
 
 >>> parse_rules("freeze:backbone; unfreeze:backbone.layer4, *.bias; freeze:kind=BatchNorm*")
 Spec(freeze('backbone'), unfreeze('backbone.layer4', '*.bias'), freeze(kind='BatchNorm*'))
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, demo
+from .demo.report import import_keras
 from .errors import LayerlockError, SpecError
 from .operations import plan, summary
 from .spec import ACTIONS, Spec
@@ -299,9 +301,8 @@ def _check_config_keys(config_class: Any, overrides: dict[str, Any], base: Any) 
 
 
 def _load_keras(path: Path) -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter off stderr
     try:
-        import keras
+        keras = import_keras()  # without TensorFlow's start-up lines
     except ImportError:
         raise CliError(f"{str(path)!r} is a Keras file, but keras is not installed "
                        "(pip install 'layerlock[tensorflow]')") from None
@@ -351,7 +352,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     frameworks = {"both": list(demo.FRAMEWORKS), None: demo.installed()}.get(args.backend, [args.backend])
     if not frameworks:
         raise CliError("the demo needs torch or keras, and neither is installed "

@@ -15,12 +15,12 @@ from ..operations import apply
 from ..schedule import Schedule
 from .config import FINE_TUNE, FROZEN_BASE, Config
 from .data import SIZE, Split
-from .report import Phase, Recorder, paired
+from .report import Phase, Recorder, import_keras, paired
 from .torch_run import WIDTHS
 
 
 def _limit_threads(n: int) -> None:
-    import keras
+    keras = import_keras()  # the demo's first Keras import: without TensorFlow's start-up lines
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf

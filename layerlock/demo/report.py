@@ -1,5 +1,6 @@
 """Recording, tracing and reporting a demo run: the per-epoch trace with a progress bar,
-the summary table, the JSON summary and the PNG of training curves.
+the summary table, the JSON summary and the PNG of training curves; and a stderr free of
+TensorFlow's start-up lines, for the demo and the ``layerlock`` command (:func:`import_keras`).
 
 >>> rec = Recorder("torch", echo=None, progress=False)
 >>> ph = rec.phase("frozen", "target", epochs=1, steps=2, trainable=260)
@@ -11,11 +12,17 @@ the summary table, the JSON summary and the PNG of training curves.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import re
 import statistics
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .._format import count, table
@@ -248,3 +255,48 @@ def plot(runs: dict[str, Recorder], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# TensorFlow's start-up lines. TF_CPP_MIN_LOG_LEVEL=2 stops its C++ info and warning lines but
+# keeps its errors; it cannot stop the lines written before TensorFlow's logging starts
+# (TensorFlow 2.21 prints "oneDNN custom operations are on" twice that way).
+STARTUP = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|TF-TRT Warning: Could not find TensorRT"
+    r"|Could not find cuda drivers on your machine")
+
+
+def import_keras() -> ModuleType:
+    """``import keras`` for a program whose stderr a person reads (the demo, the command
+    line; the library never calls this). While Keras and TensorFlow load, file descriptor 2
+    (where C++ writes too) goes to a temporary file; then the :data:`STARTUP` lines are dropped
+    and everything else is written back. oneDNN stays on: numerics do not change.
+    ``TF_CPP_MIN_LOG_LEVEL=0`` shows everything, unfiltered (say, for a crash while
+    TensorFlow loads, which the temporary file would swallow).
+
+    >>> import_keras().__name__
+    'keras'
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return importlib.import_module("keras")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            return importlib.import_module("keras")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines = log.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not STARTUP.search(line)))
