@@ -16,7 +16,8 @@ from typing import Any
 import keras
 
 from .backends import get_backend
-from .backends.keras import KerasBackend, TfKerasBackend, _short_name, _strategy_scope, _sync_variables
+from .backends.keras import KerasBackend, TfKerasBackend, _short_name
+from .backends.keras_internals import strategy_scope, sync_variables
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, PhaseStepper, Schedule
@@ -30,6 +31,8 @@ def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
     of the variables it added. For ``fit`` you never need it: ``ll.apply`` syncs the
     compiled model's own optimizer. In a custom loop, call it after each ``apply``, or
     ``optimizer.apply_gradients`` fails on the newly trainable variables ("Unknown variable").
+    An optimizer layout layerlock does not know (a future Keras) raises
+    :class:`~layerlock.BackendError` before anything changes.
 
     >>> import keras, layerlock as ll
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")])
@@ -39,7 +42,7 @@ def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
     >>> sync_optimizer(opt, model), sync_optimizer(opt, model)
     (['fc.bias'], [])
     """
-    added = _sync_variables(optimizer, model.trainable_variables, _strategy_scope(model)) or []
+    added = sync_variables(optimizer, model.trainable_variables, strategy_scope(model)) or []
     if not added:
         return []
     paths = {p.key: p.path for p in get_backend(model).tree(model).unique_parameters()}

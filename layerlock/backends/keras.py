@@ -13,17 +13,20 @@ Translation table (Keras 3 on TensorFlow, torch and JAX):
   (the rate is kept in ``_layerlock_rate`` and put back on release).
 - compiled model -> the optimizer tracks exactly ``model.trainable_variables`` (slots of
   variables that stay trainable kept, new ones created, frozen ones parked on the side,
-  see :func:`_sync_variables`) and the cached train/test/predict functions are rebuilt, so
-  the next step of ``fit`` or ``train_on_batch`` trains the new set, also when ``apply``
-  runs in a callback during ``fit``.
+  see :func:`.keras_internals.sync_variables`) and the cached train/test/predict
+  functions are rebuilt, so the next step of ``fit`` or ``train_on_batch`` trains the new
+  set, also when ``apply`` runs in a callback during ``fit``.
 
 Paths walk ``model.layers`` (recursing into nested models and into layers that hold
 layers); a variable's path is its layer's path plus the variable's short name.
 
 Legacy tf_keras (:class:`TfKerasBackend`) freezes whole layers only (a TF variable has no
 ``trainable`` setter): rules that split a layer raise ``SpecError``. tf_keras fixes the
-flags at ``compile()``; ``apply`` refreshes that record (``_reset_compile_cache``, the part
-of ``compile`` that reads flags) and keeps the optimizer object and its state.
+flags at ``compile()``; ``apply`` refreshes that record (the part of ``compile`` that reads
+flags) and keeps the optimizer object and its state.
+
+Every private Keras attribute this needs is read and written in :mod:`.keras_internals`,
+which checks each layout first and refuses one it does not know before anything changes.
 
 >>> import keras, layerlock as ll
 >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="body"),
@@ -37,7 +40,6 @@ of ``compile`` that reads flags) and keeps the optimizer object and its state.
 from __future__ import annotations
 
 import importlib
-from contextlib import nullcontext
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +47,11 @@ from typing import Any
 from ..errors import BackendError, SpecError
 from ..results import Plan, State
 from ..tree import Node, Param
+from . import keras_internals as internals
 
 HOLD = "_layerlock_held"
 RATE = "_layerlock_rate"
 DROPOUTS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "AlphaDropout")
-PARKED = "_layerlock_parked"
 
 
 @dataclass
@@ -67,147 +69,6 @@ def _short_name(variable: Any) -> str:
     return str(variable.name).rpartition("/")[2].partition(":")[0]
 
 
-def _is_seq(value: Any) -> bool:
-    return isinstance(value, (list, tuple))
-
-
-def _layout(optimizer: Any) -> tuple[str, str] | None:
-    """(built flag, variable-key -> index dict) of a Keras 3 or tf_keras optimizer."""
-    if hasattr(optimizer, "_trainable_variables_indices"):
-        return "built", "_trainable_variables_indices"
-    if hasattr(optimizer, "_index_dict"):
-        return "_built", "_index_dict"
-    return None  # legacy tf_keras optimizers create slots lazily for any variable
-
-
-def _sync_variables(optimizer: Any, variables: list[Any], scope: Any = None) -> list[Any] | None:
-    """Make a built Keras optimizer track exactly ``variables`` (in that order); the
-    model-level :func:`layerlock.keras.sync_optimizer` and ``apply`` call it.
-
-    Slots of variables it already tracks are kept as they are (the same objects, so Adam
-    moments and ``iterations`` are untouched); variables it does not know get fresh slots
-    from the optimizer's own ``build``; slots of variables dropped from the list are parked
-    (taken out of ``optimizer.variables``, kept on the side) and come back if the variable
-    is unfrozen again. Returns the variables it newly tracks, or None when nothing changed.
-    An unbuilt optimizer is left alone: Keras builds it on the first step, on the variables
-    trainable then.
-
-    >>> import keras
-    >>> a, b = keras.Variable(1.0), keras.Variable(2.0)
-    >>> opt = keras.optimizers.Adam(); opt.build([a])
-    >>> _sync_variables(opt, [a, b]) == [b], len(opt.variables)
-    (True, 6)
-    """
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:  # LossScaleOptimizer: the slots live in the wrapped optimizer
-        changed = _sync_variables(inner, variables, scope)
-        if getattr(optimizer, "built", False) and hasattr(optimizer, "_trainable_variables_indices"):
-            optimizer._trainable_variables = list(variables)
-            optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(variables)}
-        return changed
-    layout = _layout(optimizer)
-    if layout is None or not getattr(optimizer, layout[0], False):
-        return None
-    built_attr, index_attr = layout
-    key = optimizer._var_key
-    old_index: dict[Any, int] = dict(getattr(optimizer, index_attr))
-    old_order = sorted(old_index, key=old_index.__getitem__)
-    keys = [key(v) for v in variables]
-    if keys == old_order:
-        return None
-    parked: dict[Any, dict[str, Any]] = optimizer.__dict__.get(PARKED, {})
-    fresh = [v for v, k in zip(variables, keys) if k not in old_index and k not in parked]
-
-    # Learn which attributes hold one slot per variable by building the optimizer on the
-    # new variables only; everything else that build touched is put back afterwards.
-    saved = dict(optimizer.__dict__)
-    n_vars = len(optimizer._variables)
-    setattr(optimizer, built_attr, False)
-    if index_attr == "_trainable_variables_indices":
-        optimizer._trainable_variables_indices = {}
-    try:
-        with scope or nullcontext(), _name_scope(optimizer):
-            optimizer.build(fresh)
-    except Exception as exc:
-        with _untracked(optimizer):
-            for attr, value in saved.items():
-                if optimizer.__dict__.get(attr) is not value:
-                    setattr(optimizer, attr, value)
-            _set_variables(optimizer, list(saved["_variables"])[:n_vars])
-        raise BackendError(f"could not add optimizer slots for {len(fresh)} newly trainable variables to "
-                           f"{type(optimizer).__name__}: {exc}") from exc
-    with _untracked(optimizer):
-        probe = dict(optimizer.__dict__)
-        slot_attrs = [a for a, v in probe.items()
-                      if a in saved and v is not saved[a] and a != "_trainable_variables" and _is_seq(v) and len(v) == len(fresh)
-                      and _is_seq(saved[a]) and len(saved[a]) == len(old_order)]
-        current = list(optimizer._variables[:n_vars])
-        for attr, value in probe.items():
-            if attr in saved and value is not saved[attr]:
-                setattr(optimizer, attr, saved[attr])
-
-        fresh_at = {key(v): i for i, v in enumerate(fresh)}
-        merged: dict[str, list[Any]] = {a: [] for a in slot_attrs}
-        for k in keys:
-            for a in slot_attrs:
-                if k in old_index:
-                    merged[a].append(saved[a][old_index[k]])
-                elif k in parked:
-                    merged[a].append(parked[k].get(a))
-                else:
-                    merged[a].append(probe[a][fresh_at[k]])
-        kept = set(keys)
-        parked = {k: v for k, v in parked.items() if k not in kept}
-        for k in old_order:
-            if k not in kept:
-                parked[k] = {a: saved[a][old_index[k]] for a in slot_attrs}
-        slot_ids = {id(s) for a in slot_attrs for s in saved[a] if s is not None}
-        slot_ids |= {id(s) for slots in parked.values() for s in slots.values() if s is not None}
-        # Non-slot variables first, then the slots interleaved per variable, which is the order
-        # a fresh build on `variables` gives: checkpoints store optimizer variables by position.
-        # Variables build made besides the slots (a second step counter, ...) are dropped.
-        base = [v for v in current if id(v) not in slot_ids]
-        ordered = [s for i in range(len(keys)) for a in slot_attrs if (s := merged[a][i]) is not None]
-        _set_variables(optimizer, base + ordered)
-        for a in slot_attrs:
-            setattr(optimizer, a, merged[a])
-        setattr(optimizer, index_attr, {k: i for i, k in enumerate(keys)})
-        if index_attr == "_trainable_variables_indices":
-            optimizer._trainable_variables = list(variables)
-        setattr(optimizer, built_attr, True)
-    object.__setattr__(optimizer, PARKED, parked)  # not tracked: parked slots are not checkpointed
-    return [v for v, k in zip(variables, keys) if k not in old_index]
-
-
-def _set_variables(optimizer: Any, variables: list[Any]) -> None:
-    # A new list, not an in-place edit: TF's tracked lists refuse to be checkpointed after a
-    # deletion. Keras 3's tracker keeps its own reference to the list, so it is updated too.
-    optimizer._variables = variables
-    tracker = getattr(optimizer, "_tracker", None)
-    if tracker is not None and "variables" in getattr(tracker, "config", {}):
-        tracker.config["variables"] = (tracker.config["variables"][0], optimizer._variables)
-        tracker.stored_ids["variables"] = {id(v) for v in variables}
-
-
-def _untracked(optimizer: Any) -> Any:
-    # Keras 3 optimizers add every variable assigned to an attribute to their variable
-    # list; this code keeps that list itself.
-    if hasattr(optimizer, "_tracker"):
-        from keras.src.utils.tracking import DotNotTrackScope
-
-        return DotNotTrackScope()
-    return nullcontext()
-
-
-def _name_scope(optimizer: Any) -> Any:
-    # Keras 3 builds optimizers inside a name scope so slot paths read "adam/...".
-    if hasattr(optimizer, "_trainable_variables_indices"):
-        import keras
-
-        return keras.name_scope(optimizer.name, caller=optimizer)
-    return nullcontext()
-
-
 class KerasBackend:
     """Keras 3 (TensorFlow, torch and JAX Keras backends)."""
 
@@ -223,13 +84,12 @@ class KerasBackend:
         """Variables the layer itself declares trainable-capable (not its sublayers'); a
         BatchNorm's moving statistics are not among them."""
         seen: set[int] = set()
-        return [v for v in layer._trainable_variables if not (id(v) in seen or seen.add(id(v)))]
+        return [v for v in internals.own_variables(layer) if not (id(v) in seen or seen.add(id(v)))]
 
     def _set_variable(self, variable: Any, trainable: bool) -> None:
         variable.trainable = trainable
-        value = getattr(variable, "_value", None)
-        if not trainable and getattr(value, "grad", None) is not None:
-            value.grad = None  # torch Keras backend: no stale gradient buffer on a frozen weight
+        if not trainable:
+            internals.clear_torch_grad(variable)  # no stale gradient buffer on a frozen weight
 
     def _check_layer_level(self, index: _Index, after: dict[Hashable, bool],
                            target: dict[Hashable, bool]) -> None:
@@ -239,21 +99,13 @@ class KerasBackend:
         # JAX fit keeps the live values outside the variables between steps; put them back
         # before the trainable/non-trainable split changes (the next step re-reads them).
         sync = getattr(model, "jax_state_sync", None)
-        if sync is not None and getattr(model, "_jax_state", None):
-            sync()
+        if sync is not None:
+            sync()  # a no-op outside fit
 
     def _refresh(self, model: Any, changed: bool) -> None:
         """Make the next step of fit / train_on_batch use the new flags."""
-        changed |= _sync_model_optimizer(model)
-        if not changed:
-            return
-        if getattr(model, "train_function", None) is not None:
-            # fit() reads self.train_function at each step, so the rebuilt function takes over
-            # at the next step, from a callback too (None would break a running fit).
-            model.make_train_function(force=True)
-        for attr in ("test_function", "predict_function"):
-            if getattr(model, attr, None) is not None:
-                setattr(model, attr, None)  # rebuilt on their next use
+        if _sync_model_optimizer(model) or changed:
+            internals.rebuild_step_functions(model)
 
     # -- protocol -----------------------------------------------------------------------------
     def owns(self, model: Any) -> bool:
@@ -311,9 +163,8 @@ class KerasBackend:
                 # depth=N must mean model.layers[:N]; weighted layers tracked elsewhere come last.
                 out = list(layer.layers)
                 seen = {id(x) for x in out}
-                return out + [x for x in layer._flatten_layers(include_self=False, recursive=False)
-                              if id(x) not in seen and x.weights]
-            return list(layer._flatten_layers(include_self=False, recursive=False))
+                return out + [x for x in internals.sublayers(layer) if id(x) not in seen and x.weights]
+            return internals.sublayers(layer)
 
         def build(path: str, layer: Any) -> Node:
             prefix = path + "." if path else ""
@@ -348,6 +199,7 @@ class KerasBackend:
         compiled model in step. ``forced`` gives layer flags outright (restore)."""
         target = self._layer_flags(index, after, held, forced)
         self._check_layer_level(index, after, target)
+        internals.check_model(model, next(iter(index.variables.values()), None))
         previous = self.read(model)
         self._before_change(model)
         try:
@@ -427,18 +279,17 @@ class KerasBackend:
                 + ". The flags were put back as they were.")
 
 
+def _compiled_optimizer(model: Any) -> Any:
+    optimizer = getattr(model, "optimizer", None)
+    return None if isinstance(optimizer, str) else optimizer
+
+
 def _sync_model_optimizer(model: Any) -> bool:
     """Bring a compiled model's optimizer to its trainable variables; True if it changed."""
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or isinstance(optimizer, str):
+    optimizer = _compiled_optimizer(model)
+    if optimizer is None:
         return False
-    return _sync_variables(optimizer, model.trainable_variables, _strategy_scope(model)) is not None
-
-
-def _strategy_scope(model: Any) -> Any:
-    # New optimizer slots must be created under the tf.distribute strategy the model uses.
-    strategy = getattr(model, "_distribute_strategy", None)
-    return strategy.scope() if strategy is not None else None
+    return internals.sync_variables(optimizer, model.trainable_variables, internals.strategy_scope(model)) is not None
 
 
 class TfKerasBackend(KerasBackend):
@@ -452,7 +303,7 @@ class TfKerasBackend(KerasBackend):
 
     def _own_params(self, layer: Any) -> list[Any]:
         seen: set[int] = set()
-        return [v for v in layer._trainable_weights if not (id(v) in seen or seen.add(id(v)))]
+        return [v for v in internals.own_weights(layer) if not (id(v) in seen or seen.add(id(v)))]
 
     def _set_variable(self, variable: Any, trainable: bool) -> None:
         """A TF variable's flag cannot change; its layer's flag decides."""
@@ -474,16 +325,9 @@ class TfKerasBackend(KerasBackend):
         pass
 
     def _refresh(self, model: Any, changed: bool) -> None:
-        changed |= _sync_model_optimizer(model)
-        if not changed or not getattr(model, "_is_compiled", False):
-            return
-        running = model.train_function is not None
-        # tf_keras trains with the flags recorded at compile(); refresh that record (the part
-        # of compile that reads flags) instead of recompiling, so loss, metrics and the
-        # optimizer stay as they are.
-        model._reset_compile_cache()
-        if running:
-            model.make_train_function(force=True)
+        # tf_keras trains with the flags recorded at compile(); refresh that record.
+        if _sync_model_optimizer(model) or changed:
+            internals.reset_compile_record(model)
 
     def weights(self, model: Any) -> Iterator[tuple[str, bool, bytes]]:
         index = self._index(model)
