@@ -20,7 +20,7 @@ from .backends.keras import KerasBackend, TfKerasBackend, _short_name
 from .backends.keras_internals import strategy_scope, sync_variables
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, PhaseStepper, Schedule
+from .schedule import Phase, PhaseStepper, Schedule, warn_check
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]
 
@@ -56,7 +56,9 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     matches nothing fails before the first step. A phase's ``lr`` sets the optimizer's
     learning rate from that epoch on (Keras optimizers have one rate for all variables).
     Resuming with ``fit(initial_epoch=e)`` applies the cumulative spec for epoch ``e``.
-    ``verbose=1`` prints a one-line log at each transition.
+    ``verbose=1`` prints a one-line log at each transition. When training starts (after the
+    first epoch's phase is applied) the set-up is checked once with :func:`layerlock.check`;
+    what it finds comes as one :class:`~layerlock.LayerlockWarning` with the report's table.
     """
 
     def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -65,6 +67,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
         self.schedule = schedule
         self.verbose = verbose
+        self._checked = False
 
     def on_train_begin(self, logs: Any = None) -> None:
         self.stepper.check(self.model)
@@ -72,6 +75,9 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         change = self.stepper.step(self.model, epoch, self._sync)
+        if not self._checked:
+            self._checked = True
+            warn_check(self.model, bn=self.stepper.options["bn"], schedule=self.schedule)
         if change is not None and self.verbose:
             print(change.message)
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, SpecError
-from ..results import Plan, State
+from ..results import Finding, Plan, State
 from ..tree import Node, Param
 from . import keras_internals as internals
 
@@ -150,6 +150,22 @@ class KerasBackend:
         index = self._index(model)
         for p in index.root.unique_parameters():
             yield p.path, p.trainable, np.asarray(index.variables[p.path].numpy()).tobytes()
+
+    def check(self, model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
+              schedule: Any = None) -> list[Finding]:
+        """The findings of :func:`layerlock.check` for a Keras model (reads, changes nothing).
+        ``optimizer`` defaults to the compiled model's; ``scheduler`` and ``schedule`` have no
+        Keras meaning."""
+        index = self._index(model)
+        params = list(index.root.unique_parameters())
+        variables = [index.variables[p.path] for p in params]
+        found = [f for f in [_stale_finding(model, params, variables)] if f is not None]
+        if bn != "trainable":
+            found += _norm_findings(index)
+        optimizer = _compiled_optimizer(model) if optimizer is None else optimizer
+        if optimizer is not None:
+            found += _optimizer_findings(internals.held_slots(optimizer, variables), params)
+        return found
 
     # -- the walk and the commit ----------------------------------------------------------------
     def _index(self, model: Any) -> _Index:
@@ -292,6 +308,93 @@ def _sync_model_optimizer(model: Any) -> bool:
     return internals.sync_variables(optimizer, model.trainable_variables, internals.strategy_scope(model)) is not None
 
 
+def _stale_finding(model: Any, params: list[Param], variables: list[Any]) -> Finding | None:
+    """A compiled model whose next fit trains another set than its trainable variables: Keras
+    3 on TensorFlow traces the set into the train function at the first fit, tf_keras
+    records it at compile(); neither looks at ``trainable`` again by itself."""
+    trained = internals.trained_by_fit(model, variables)
+    if trained is None:
+        return None
+    never = [p for p, t in zip(params, trained) if p.trainable and not t]
+    still = [p for p, t in zip(params, trained) if t and not p.trainable]
+    if not never and not still:
+        return None
+    effects = [f"{len(never)} trainable tensors never train"] * bool(never) + [
+        f"{len(still)} frozen tensors still train"] * bool(still)
+    return Finding(
+        "stale-train-function",
+        "fit trains the set the trainable flags gave when Keras fixed it (Keras 3 on TensorFlow: when it "
+        "traced the train function; tf_keras: at compile()), not the current one: "
+        + " and ".join(effects),
+        "ll.apply(model, spec) brings a compiled model in step (after flags set by hand, ll.apply(model, "
+        "ll.Spec()) does it): it rebuilds the train function and syncs the optimizer, keeping its state; "
+        "or compile again (a new optimizer starts over)",
+        tuple(p.path for p in never + still), scalars=sum(p.numel for p in never + still))
+
+
+def _norm_findings(index: _Index) -> list[Finding]:
+    """BatchNormalization layers whose weights are all frozen while the layer flag is on: fit
+    runs such a layer in training mode, so its moving statistics still move. Keras 3 and
+    tf_keras run a layer whose ``trainable`` is False in inference mode whatever ``training``
+    says, so this takes flags that disagree: variable flags in Keras 3
+    (``bn.gamma.trainable = False``), or in tf_keras a layer switched back on inside a frozen
+    parent (whose flag hides its weights)."""
+    seen: set[int] = set()
+    moving = []
+    for node, layer in index.order:
+        if (node.norm and node.params and layer.trainable and not any(p.trainable for p in node.params)
+                and id(layer) not in seen):
+            seen.add(id(layer))
+            moving.append(node.path)
+    if not moving:
+        return []
+    return [Finding(
+        "norm-statistics-move",
+        "these BatchNormalization layers have all their weights frozen but their layer flag on, so fit runs "
+        "them in training mode and their moving mean and variance change at every step",
+        "freeze them with ll.apply(model, spec) (bn='follow' or 'frozen' sets layer.trainable = False, which "
+        "Keras runs in inference mode), or pass bn='trainable' to ll.check if the statistics should adapt",
+        tuple(moving))]
+
+
+def _optimizer_findings(held: list[list[Any] | None] | None, params: list[Param]) -> list[Finding]:
+    """Trainable variables a built optimizer does not update, frozen ones it keeps slots for."""
+    if held is None:
+        return []
+    out = []
+    missing = [p for p, slots in zip(params, held) if p.trainable and slots is None]
+    if missing:
+        out.append(Finding(
+            "not-in-optimizer",
+            f"{len(missing)} trainable tensors are not in the optimizer (it updates the variables it was built "
+            "with; unfreezing later does not add them): fit leaves them as they are (Keras 3 on TensorFlow) or "
+            "fails with 'Unknown variable'",
+            "ll.apply(model, spec) syncs a compiled model's optimizer, keeping its state; in a custom loop call "
+            "layerlock.keras.sync_optimizer(optimizer, model); or compile again (a new optimizer starts over)",
+            tuple(p.path for p in missing), scalars=sum(p.numel for p in missing)))
+    kept = [(p, slots) for p, slots in zip(params, held) if not p.trainable and slots]
+    if kept:
+        out.append(Finding(
+            "frozen-optimizer-state",
+            f"the optimizer keeps slots (momentum, Adam moments) for {len(kept)} frozen tensors: memory and "
+            "checkpoint space for variables that do not train",
+            "ll.apply(model, spec), or layerlock.keras.sync_optimizer(optimizer, model) in a custom loop, takes "
+            "them out of the optimizer and its checkpoints (layerlock keeps them aside in case they are "
+            "unfrozen); to free the memory, build a new optimizer",
+            tuple(p.path for p, _ in kept), bytes=sum(_nbytes(s) for _, slots in kept for s in slots)))
+    return out
+
+
+def _nbytes(variable: Any) -> int:
+    import numpy as np
+
+    numel = 1
+    for d in variable.shape:
+        numel *= int(d)
+    dtype = variable.dtype  # a name in Keras 3, a tf.DType in tf_keras
+    return numel * np.dtype(getattr(dtype, "as_numpy_dtype", dtype)).itemsize
+
+
 class TfKerasBackend(KerasBackend):
     """Legacy tf_keras (Keras 2): whole layers only, since a TF variable's ``trainable`` is
     fixed; a plan that splits a layer, or that freezes a layer's own weights while a
@@ -325,8 +428,11 @@ class TfKerasBackend(KerasBackend):
         pass
 
     def _refresh(self, model: Any, changed: bool) -> None:
-        # tf_keras trains with the flags recorded at compile(); refresh that record.
-        if _sync_model_optimizer(model) or changed:
+        # tf_keras trains with the flags recorded at compile(); refresh that record when it
+        # differs from the flags now, also after a change by hand.
+        changed |= _sync_model_optimizer(model)
+        recorded = internals.compiled_trainable(model)
+        if recorded is not None and (changed or recorded != {id(v) for v in model.trainable_weights}):
             internals.reset_compile_record(model)
 
     def weights(self, model: Any) -> Iterator[tuple[str, bool, bytes]]:

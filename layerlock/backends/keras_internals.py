@@ -36,7 +36,7 @@ keras and tf_keras are only read from ``sys.modules`` or imported inside functio
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -245,17 +245,92 @@ def reset_compile_record(model: Any) -> None:
     """Make a compiled tf_keras model train with its current flags: refresh the record
     ``compile()`` keeps (the part of compile that reads flags), so loss, metrics and the
     optimizer stay as they are, and rebuild a train function that exists."""
-    if not model._is_compiled:
-        return
     running = model.train_function is not None
     model._reset_compile_cache()
     if running:
         model.make_train_function(force=True)
 
 
+def compiled_trainable(model: Any) -> set[int] | None:
+    """ids of the weights a compiled tf_keras model's next ``fit`` trains: tf_keras puts the
+    layer flags recorded at ``compile()`` back for the duration of fit. None when it is not
+    compiled (then fit refuses to run)."""
+    if not _attr(model, "_is_compiled", bool, BY_HAND):
+        return None
+    flags = _attr(model, "_compiled_trainable_state", Mapping, BY_HAND)
+
+    def walk(layer: Any) -> Iterator[int]:
+        if flags.get(layer, layer.trainable):
+            yield from map(id, own_weights(layer))
+            for sub in sublayers(layer):
+                yield from walk(sub)
+
+    return set(walk(model))
+
+
+def trained_by_fit(model: Any, variables: list[Any]) -> list[bool] | None:
+    """For each of ``variables``, whether the next ``fit`` / ``train_on_batch`` updates it,
+    where the compiled model fixed that set earlier; None where fit reads
+    ``model.trainable_variables`` afresh (JAX and torch Keras backends, ``run_eagerly``, no
+    train function yet).
+
+    tf_keras trains with the flags recorded at ``compile()``. Keras 3 on TensorFlow traces
+    ``model.trainable_variables`` into the train function once and keeps no record of them;
+    the optimizer, built on that same set at the first fit (and kept in step by ``apply``),
+    stands for it.
+
+    >>> import keras
+    >>> trained_by_fit(keras.layers.Dense(1), []) is None
+    True
+    """
+    if _family(model) == "tf_keras":
+        trained = compiled_trainable(model)
+        return None if trained is None else [id(v) in trained for v in variables]
+    import keras
+
+    optimizer = getattr(model, "optimizer", None)
+    if (keras.backend.backend() != "tensorflow" or getattr(model, "train_function", None) is None
+            or model.run_eagerly or optimizer is None):
+        return None
+    held = held_slots(optimizer, variables)
+    return None if held is None else [h is not None for h in held]
+
+
 # -- the optimizer --------------------------------------------------------------------------------
 def _is_seq(value: Any) -> bool:
     return isinstance(value, (list, tuple))
+
+
+def _innermost(optimizer: Any) -> Any:
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def held_slots(optimizer: Any, variables: list[Any]) -> list[list[Any] | None] | None:
+    """For each of ``variables``, the slot variables a built optimizer keeps for it ([] when
+    it updates it without state), or None when it does not update it; None for an optimizer
+    without a fixed variable list (not built yet, or a legacy tf_keras one). Slots that
+    :func:`sync_variables` parked for frozen variables are out of the optimizer, not counted.
+
+    >>> import keras
+    >>> a, b = keras.Variable([1.0, 2.0]), keras.Variable(3.0)
+    >>> opt = keras.optimizers.Adam(); opt.build([a])
+    >>> [None if s is None else [tuple(v.shape) for v in s] for s in held_slots(opt, [a, b])]
+    [[(2,), (2,)], None]
+    """
+    check_optimizer(optimizer)
+    optimizer = _innermost(optimizer)
+    layout = _layout(optimizer)
+    if layout is None:
+        return None
+    index: dict[Any, int] = getattr(optimizer, layout.index_attr)
+    own = {id(v) for v in optimizer._variables}
+    # a slot kind is a list with one entry (a variable of the optimizer's own, or None) per position
+    kinds = [v for a, v in vars(optimizer).items() if a not in ("_variables", "_trainable_variables")
+             and _is_seq(v) and len(v) == len(index) and all(s is None or id(s) in own for s in v)]
+    positions = [index.get(optimizer._var_key(v)) for v in variables]
+    return [None if i is None else [kind[i] for kind in kinds if kind[i] is not None] for i in positions]
 
 
 def sync_variables(optimizer: Any, variables: list[Any], scope: Any = None) -> list[Any] | None:
