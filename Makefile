@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
 TEST_DEPS := tensorflow-cpu transformers accelerate peft lightning equinox
 
-.PHONY: test install demo bench bench-quick docs clean
+.PHONY: test install demo bench bench-quick docs compat clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench-quick: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
+
+# The compatibility matrix: oldest and newest framework versions, one venv each under .compat/
+# (not part of CI; writes docs/compat.md). COMPAT_ARGS="--only jax-oldest" runs some of them.
+compat:
+	$(PYTHON) compat/run.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
