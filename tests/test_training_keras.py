@@ -103,7 +103,7 @@ def test_sync_optimizer_in_a_custom_loop_adds_unfrozen_variables_and_keeps_adam_
 
     def step():  # a custom loop's update, with a constant gradient (backend-neutral)
         variables = model.trainable_variables
-        optimizer.apply([keras.ops.ones_like(v) for v in variables], variables)
+        optimizer.apply([keras.ops.ones(v.shape, v.dtype) for v in variables], variables)
 
     step()
     moments = {id(v): np.array(optimizer.variables[i].numpy()) for i, v in enumerate(optimizer.variables)}
