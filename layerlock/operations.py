@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, get_check
 from .errors import LayerlockError, SpecError
 from .resolver import BnPolicy, check_options, resolve
 from .results import Plan, Report, State, Summary
@@ -165,9 +165,10 @@ def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPol
     """
     check_options(Spec(), bn, None)
     backend = get_backend(model)
-    finder = getattr(backend, "check", None)
-    findings = finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule) if finder else []
-    return Report(tuple(findings), backend.name)
+    finder = get_check(backend)
+    if finder is None:
+        return Report((), backend.name, (f"everything: the {backend.name} backend has no checks",))
+    return Report(tuple(finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule)), backend.name)
 
 
 def fingerprint(model: Any, which: str = "frozen") -> str:

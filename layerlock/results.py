@@ -335,6 +335,7 @@ class Report:
 
     findings: tuple[Finding, ...]
     backend: str = ""
+    not_checked: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.findings)
@@ -344,11 +345,14 @@ class Report:
         return tuple(f.kind for f in self.findings)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "findings": [f.to_dict() for f in self.findings]}
+        return {"backend": self.backend, "findings": [f.to_dict() for f in self.findings],
+                "not_checked": list(self.not_checked)}
 
     def __str__(self) -> str:
+        unchecked = [f"not checked: {what}" for what in self.not_checked]
         if not self.findings:
-            return "layerlock.check: no freezing problems found"
+            clean = "layerlock.check: no freezing problems found" + (" in what was checked" if unchecked else "")
+            return "\n".join([clean, *unchecked])
         rows, notes = [], []
         for i, f in enumerate(self.findings, 1):
             shown = ", ".join(f.paths[:3]) + (f", ... ({len(f.paths)} in all)" if len(f.paths) > 3 else "")
@@ -357,4 +361,4 @@ class Report:
             rows.append((i, f.kind, shown or "-", cost or "-"))
             notes.append(f"{i}. {f.problem}\n   fix: {f.fix}")
         head = f"layerlock.check: {len(self.findings)} freezing problem{'s' * (len(self.findings) > 1)}"
-        return "\n".join([head, table(("#", "problem", "where", "at stake"), rows), "", *notes])
+        return "\n".join([head, table(("#", "problem", "where", "at stake"), rows), "", *notes, *unchecked])

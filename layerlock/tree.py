@@ -12,9 +12,9 @@ paths, so the core can give each one a single decision.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-
+from typing import Any
 
 
 @dataclass(eq=False, slots=True)
@@ -78,8 +78,8 @@ class Tree:
     ``root``, the layer that ``depth`` and ``within`` count from: the torch backend names a
     PEFT model's weights as its base model does and makes the base model the root, so a
     spec written for the base model selects the same weights after wrapping.
-    :meth:`of` flattens a :class:`Node` tree; a backend may fill the arrays itself instead
-    (the torch backend does, because it is faster than building nodes).
+    :func:`build` walks a framework's model into one, and :meth:`of` flattens a
+    :class:`Node` tree. ``end[i]`` is exclusive: layer ``i``'s subtree is ``range(i, end[i])``.
 
     >>> t = Tree.of(Node("", "Net", children=[Node("fc", "Linear", params=[Param("fc.w", 6, True, 0)])]))
     >>> t.layer_paths, t.end, t.first, t.owner
@@ -139,3 +139,72 @@ class Tree:
             out.append(j)
             j = self.end[j]
         return out
+
+
+@dataclass(eq=False, slots=True)
+class Walk:
+    """A model walked once: its :class:`Tree` and, in the tree's order, the framework object
+    behind each layer (``layers[i]``) and each parameter occurrence (``tensors[o]``)."""
+
+    tree: Tree
+    layers: list[Any]
+    tensors: list[Any]
+
+
+def _plain(layer: Any) -> tuple[str, bool, bool]:
+    return type(layer).__name__, False, False
+
+
+def build(root: Any, children: Callable[[Any], Iterable[tuple[str, Any]]],
+          params: Callable[[Any], Iterable[tuple[str, Any, int, bool]]],
+          describe: Callable[[Any], tuple[str, bool, bool]] = _plain,
+          key: Callable[[Any], Hashable] = id) -> Walk:
+    """The one tree builder: walk ``root`` pre-order through a framework's two questions.
+
+    - ``children(layer)``: ``(name, sublayer)`` pairs in the framework's order;
+    - ``params(layer)``: ``(name, tensor, numel, trainable)`` for the layer's own parameters;
+    - ``describe(layer)``: ``(kind, norm, held)`` (default: class name, False, False);
+    - ``key(tensor)``: a parameter's identity (default ``id``: the same tensor reached under two
+      paths is one tied parameter). A layer's identity is always ``id(layer)``.
+
+    Paths are the names joined with ``.`` from the root ('' is the root).
+
+    >>> walk = build({"fc": {"w": [1.0, 2.0]}},
+    ...              lambda d: [(k, v) for k, v in d.items() if isinstance(v, dict)],
+    ...              lambda d: [(k, v, len(v), True) for k, v in d.items() if isinstance(v, list)])
+    >>> walk.tree.layer_paths, walk.tree.param_paths, walk.tree.end
+    (['', 'fc'], ['fc.w'], [2, 2])
+    """
+    tree = Tree()
+    layers: list[Any] = []
+    tensors: list[Any] = []
+    layer_paths, kinds, layer_keys, norms, held = tree.layer_paths, tree.kinds, tree.layer_keys, tree.norm, tree.held
+    end, first, param_paths, numels = tree.end, tree.first, tree.param_paths, tree.numels
+    trainable, param_keys, owner = tree.trainable, tree.param_keys, tree.owner
+
+    def visit(path: str, layer: Any) -> None:
+        i = len(layer_paths)
+        kind, norm, hold = describe(layer)
+        layer_paths.append(path)
+        kinds.append(kind)
+        layer_keys.append(id(layer))
+        norms.append(norm)
+        held.append(hold)
+        end.append(0)
+        first.append(len(param_paths))
+        layers.append(layer)
+        prefix = path + "." if path else ""
+        for name, tensor, numel, on in params(layer):
+            param_paths.append(prefix + name)
+            numels.append(numel)
+            trainable.append(on)
+            param_keys.append(key(tensor))
+            owner.append(i)
+            tensors.append(tensor)
+        for name, child in children(layer):
+            visit(prefix + name, child)
+        end[i] = len(layer_paths)
+
+    visit("", root)
+    first.append(len(param_paths))
+    return Walk(tree, layers, tensors)

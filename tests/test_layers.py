@@ -15,11 +15,17 @@ LAYERS = [
     {"spec", "tree", "__init__"},
     {"results"},                                     # plain result values
     {"resolver"},                                    # the pure resolver
-    {"backends"},                                    # protocol and registry
-    {"backends.keras_internals"},                    # every private Keras/TF attribute, guarded
-    {"backends.torch", "backends.keras", "backends.flax"},            # translation tables
-    {"operations"},                                  # plan, apply, summary, state
-    {"schedule"},
+    {"schedule"},                                    # Phase / Schedule values (no runtime)
+    {"backends"},                                    # protocol, registry, check protocol
+    # one door per framework: every private attribute of that framework, layout-checked
+    {"backends.keras_internals", "backends.torch_internals", "backends.hf_internals", "backends.flax_internals"},
+    {"backends.wrappers"},                           # DDP / compile / Accelerate / PEFT unwrapping
+    {"backends.distributed"},                        # DDP / FSDP guards
+    {"backends.torch", "backends.keras", "backends.flax", "backends.pytree"},  # translation tables
+    {"diagnostics", "diagnostics.torch", "diagnostics.keras"},   # ll.check per framework
+    {"operations"},                                  # plan, apply, summary, state, check
+    {"testing"},                                     # conformance kit for backends (plugins too)
+    {"stepper"},                                     # the runtime that steps a Schedule
     {"torch", "keras", "flax", "jax"},              # helpers per framework
     {"lightning", "transformers", "demo.config", "demo.data", "demo.report"},
     {"demo.torch_run"},

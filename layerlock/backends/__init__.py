@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendError
-from ..results import Plan, State
-from ..tree import Node, Tree
+from ..results import Finding, Plan, State
+from ..tree import Tree
 
 ENTRY_POINT_GROUP = "layerlock.backends"
 REQUIRED = ("name", "module", "param_level", "owns", "tree", "apply", "read", "write", "weights")
@@ -54,11 +54,46 @@ class Backend(Protocol):
     param_level: bool
 
     def owns(self, model: Any) -> bool: ...
-    def tree(self, model: Any) -> Node | Tree: ...
+    def tree(self, model: Any) -> Tree: ...
     def apply(self, model: Any, plan: Plan) -> None: ...
     def read(self, model: Any) -> State: ...
     def write(self, model: Any, state: State) -> None: ...
     def weights(self, model: Any) -> Iterable[tuple[str, bool, bytes]]: ...
+
+
+class Check(Protocol):
+    """What :func:`layerlock.check` calls for a backend: read the set-up, change nothing,
+    return the problems found as :class:`~layerlock.Finding` values. A backend provides one
+    as its optional ``check`` method; the built-in backends' live in ``layerlock.diagnostics``."""
+
+    def __call__(self, model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
+                 schedule: Any = None) -> list[Finding]: ...
+
+
+# backend name -> "module:function" of its diagnostics (loaded on the first ll.check).
+_CHECKS: dict[str, str] = {
+    "torch": "layerlock.diagnostics.torch:check",
+    "keras": "layerlock.diagnostics.keras:check",
+    "tf_keras": "layerlock.diagnostics.keras:check",
+}
+
+
+def get_check(backend: Backend) -> Check | None:
+    """The diagnostics of ``backend``: its own ``check`` method, else the built-in ones for
+    its name, else None (:func:`layerlock.check` then reports it as not checked).
+
+    >>> import torch, layerlock.backends as lb
+    >>> lb.get_check(lb.get_backend(torch.nn.Linear(1, 1))).__module__
+    'layerlock.diagnostics.torch'
+    """
+    member = getattr(backend, "check", None)
+    if callable(member):
+        return member  # type: ignore[no-any-return]
+    target = _CHECKS.get(backend.name)
+    if target is None:
+        return None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
 
 
 # name -> (sys.modules key, "module:Class"); order matters: Keras before torch.
