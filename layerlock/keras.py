@@ -16,11 +16,12 @@ from typing import Any
 import keras
 
 from .backends import get_backend
-from .backends.keras import KerasBackend, TfKerasBackend, _short_name
+from .backends.keras import KerasBackend, TfKerasBackend, short_name
 from .backends.keras_internals import strategy_scope, sync_variables
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, PhaseStepper, Schedule, warn_check
+from .schedule import Phase, Schedule
+from .stepper import PhaseStepper, warn_check
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "sync_optimizer"]
 
@@ -45,8 +46,8 @@ def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
     added = sync_variables(optimizer, model.trainable_variables, strategy_scope(model)) or []
     if not added:
         return []
-    paths = {p.key: p.path for p in get_backend(model).tree(model).unique_parameters()}
-    return [paths.get(id(v), _short_name(v)) for v in added]
+    paths = {id(v): path for path, _, v in get_backend(model).unique_variables(get_backend(model).walk(model))}
+    return [paths.get(id(v), short_name(v)) for v in added]
 
 
 class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from .resolver import BnPolicy
-from .schedule import PhaseStepper, Schedule
+from .schedule import Schedule
+from .stepper import PhaseStepper
 from .torch import FreezeScheduler as _LoopScheduler
 
 try:

@@ -2,7 +2,8 @@
 
 A schedule is cumulative: at epoch ``e`` the model is in the state that applying every phase
 up to ``e`` in order gives, which is the same as applying the concatenation of their specs.
-That is what makes resuming in the middle of a schedule exact.
+That is what makes resuming in the middle of a schedule exact. These are pure values; the
+runtime that walks a model through them is :mod:`layerlock.stepper`.
 
 >>> import layerlock as ll
 >>> s = ll.Schedule({0: ll.freeze("backbone"), 3: ll.unfreeze("backbone.layer4")}, lr={3: 1e-4})
@@ -16,17 +17,12 @@ from __future__ import annotations
 
 import json
 import numbers
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from ._format import count
-from .errors import LayerlockError, LayerlockWarning, SpecError
-from .operations import apply, check, plan
-from .resolver import BnPolicy, check_options
-from .results import Plan, Report
+from .errors import SpecError
 from .spec import Spec, dump_data, freeze, load_data, unfreeze
 
 
@@ -100,13 +96,6 @@ class Schedule:
         """
         return next((p.lr for p in reversed(self.phases[: self.phase_index(epoch) + 1]) if p.lr is not None), None)
 
-    def check(self, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
-              frozen_mode: str | None = None) -> None:
-        """Plan every phase on ``model`` (changing nothing), so a pattern that matches
-        nothing fails before training starts, not at epoch 7."""
-        for phase in self.phases:
-            plan(model, self.spec_at(phase.epoch), strict=strict, bn=bn, frozen_mode=frozen_mode)
-
     def to_dict(self) -> dict[str, Any]:
         return {"phases": [{"epoch": p.epoch, "spec": p.spec.to_dict(), **({"lr": p.lr} if p.lr else {})}
                            for p in self.phases]}
@@ -148,80 +137,6 @@ class Schedule:
         dump_data(self.to_dict(), path)
 
 
-def warn_check(model: Any, optimizer: Any = None, scheduler: Any = None, *, bn: BnPolicy = "follow",
-               schedule: Schedule | None = None) -> Report:
-    """Run :func:`layerlock.check` on a training set-up and warn once, with its table, when
-    it finds something: what the freeze schedulers and callbacks do when training starts.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Linear(2, 1)
-    >>> bool(warn_check(net, torch.optim.SGD(net.parameters(), lr=0.1)))
-    False
-    """
-    report = check(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule)
-    if report:
-        warnings.warn(str(report), LayerlockWarning, stacklevel=3)
-    return report
-
-
-class LoopScheduler:
-    """What a freeze scheduler for a plain training loop does in every framework: call
-    ``step(epoch)`` at the start of each epoch; on a phase change it applies the spec, calls
-    the framework's ``_sync(phase, plan)`` (optimizer housekeeping, a note for the log) and
-    logs one line. Every phase is checked when it is built, and at the first ``step`` the
-    set-up is checked with :func:`layerlock.check` (a warning with the report if it finds
-    something). ``state_dict`` /
-    ``load_state_dict`` resume: call ``load_state_dict`` before restoring the optimizer, it
-    replays the phases so the optimizer has the interrupted run's layout.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> loop = LoopScheduler(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}), net, log=None)
-    >>> _ = loop.step(0); net[0].weight.requires_grad, loop.phase
-    (False, 0)
-    """
-
-    def __init__(self, schedule: Schedule, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
-                 frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
-        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
-        self.schedule, self.model, self.log = schedule, model, log
-        self.epoch = -1
-        self.stepper.check(model)
-        self._checked = False
-
-    @property
-    def phase(self) -> int:
-        """Index of the phase in force (-1 before the first)."""
-        return self.stepper.phase
-
-    def step(self, epoch: int) -> Plan | None:
-        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
-        self.epoch = epoch
-        change = self.stepper.step(self.model, epoch, self._sync)
-        if not self._checked:  # the set-up as training starts: the first phase and its optimizer
-            self._checked = True
-            warn_check(self.model, getattr(self, "optimizer", None), getattr(self, "scheduler", None),
-                       bn=self.stepper.options["bn"], schedule=self.schedule)
-        if change is None:
-            return None
-        if self.log is not None:
-            self.log(change.message)
-        return change.plan
-
-    def _sync(self, phase: Phase, plan: Plan) -> str:
-        return ""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the phase, replaying the phases so the optimizer matches the saved run."""
-        if Schedule.from_dict(state["schedule"]) != self.schedule:
-            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
-        self.stepper.replay(self.model, state["phase"], self._sync)
-        self.epoch = state["epoch"]
-
-
 def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str | Sequence[str] = (),
             start: int = 0, lr: float | None = None, lr_decay: float = 1.0) -> Schedule:
     """ULMFiT-style gradual unfreezing over ``blocks`` blocks (children of ``within``, or of
@@ -252,71 +167,3 @@ def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str
     phases = [Phase(start + i * every, spec, None if lr is None else lr * lr_decay ** i)
               for i, spec in enumerate(specs)]
     return Schedule(phases)
-
-
-class Transition(NamedTuple):
-    """A phase change: the epoch (or step) it happened at, the index of the phase it entered,
-    the applied plan and the one-line log."""
-
-    at: int
-    phase: int
-    plan: Plan
-    message: str
-
-
-class PhaseStepper:
-    """The one routine that walks a model through a :class:`Schedule`; the torch, Keras,
-    Lightning, Hugging Face and JAX schedulers are thin adapters around it.
-
-    ``step(model, at, sync)`` applies the cumulative spec when ``at`` enters a new phase,
-    then calls ``sync(phase, plan)`` (the framework's optimizer housekeeping, which returns
-    a note for the log) and returns the :class:`Transition`; otherwise it returns None.
-
-    >>> import torch, layerlock as ll
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> stepper = PhaseStepper(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}))
-    >>> stepper.check(net)
-    >>> print(stepper.step(net, 0).message)
-    layerlock: epoch 0: phase 1/2 Spec(freeze('0')): +0 / -6 trainable scalars, 3 trainable (33.3%)
-    >>> stepper.step(net, 1) is None
-    True
-    """
-
-    def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
-                 frozen_mode: str | None = None, unit: str = "epoch", owner: str = "FreezeScheduler") -> None:
-        if not isinstance(schedule, Schedule):
-            raise SpecError(f"{owner} needs a layerlock.Schedule such as ll.gradual(3); received "
-                            f"{schedule!r} ({type(schedule).__name__})")
-        check_options(Spec(), bn, frozen_mode)
-        self.schedule, self.unit, self.phase = schedule, unit, -1
-        self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
-
-    def check(self, model: Any) -> None:
-        """Plan every phase on ``model`` (changing nothing): a typo fails before training."""
-        self.schedule.check(model, **self.options)
-
-    def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
-        """Bring ``model`` to the phase in force at ``at``; the transition, or None."""
-        index = self.schedule.phase_index(at)
-        if index == self.phase or index < 0:
-            return None
-        result = apply(model, self.schedule.spec_at(at), **self.options)
-        phase = self.schedule.phases[index]
-        note = sync(phase, result) if sync is not None else ""
-        self.phase = index
-        gained = sum(p.numel for p in result.params if p.trainable_after and not p.trainable_before)
-        lost = sum(p.numel for p in result.params if p.trainable_before and not p.trainable_after)
-        total = result.trainable_scalars + result.frozen_scalars
-        share = 100 * result.trainable_scalars / total if total else 0.0
-        message = (f"layerlock: {self.unit} {at}: phase {index + 1}/{len(self.schedule.phases)} "
-                   f"{phase.spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
-                   f"{count(result.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {note}" if note else ""))
-        return Transition(at, index, result, message)
-
-    def replay(self, model: Any, phase: int, sync: Callable[[Phase, Plan], str] | None = None) -> None:
-        """Step silently through the phases up to index ``phase``, as the interrupted run
-        did, so a resumed run has the same trainable set and optimizer layout before its
-        optimizer state is loaded."""
-        for p in self.schedule.phases[: phase + 1]:
-            self.step(model, p.epoch, sync)
-

@@ -19,13 +19,18 @@ from typing import Any, Callable
 import torch
 
 from .backends import get_backend
-from .backends.torch import TorchBackend, ddp_of, unwrap, unwrap_prepared
+from .backends.distributed import ddp_arguments
+from .backends.torch import TorchBackend
+from .backends.torch_internals import check_scheduler, extend_scheduler
+from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
+from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
 from .resolver import BnPolicy, blocks, select
 from .results import Plan
-from .schedule import LoopScheduler, Phase, Schedule
+from .schedule import Phase, Schedule
 from .spec import Spec
+from .stepper import LoopScheduler
 from .tree import Tree
 
 __all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
@@ -106,43 +111,6 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
     return list(groups.values())
 
 
-# Schedulers whose per-group lists sync_optimizer knows how to extend.
-_LIST_ATTRS = ("base_lrs", "_last_lr", "min_lrs")
-
-
-def _check_scheduler(scheduler: Any) -> None:
-    from torch.optim import lr_scheduler as S
-
-    supported = (S.LambdaLR, S.MultiplicativeLR, S.StepLR, S.MultiStepLR, S.ExponentialLR,
-                 S.CosineAnnealingLR, S.LinearLR, S.ConstantLR, S.PolynomialLR, S.ReduceLROnPlateau)
-    if not isinstance(scheduler, supported):
-        names = ", ".join(s.__name__ for s in supported)
-        raise LayerlockError(
-            f"sync_optimizer cannot keep a {type(scheduler).__name__} consistent with a new param group "
-            f"(it keeps per-group values it cannot extend); supported: {names}. Create that scheduler "
-            "after the last unfreeze, or pass scheduler=None and rebuild it yourself.")
-
-
-def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
-    from torch.optim import lr_scheduler as S
-
-    # The group's lr is its rate now (unless the caller set its base, initial_lr); from
-    # here it follows the schedule like the others.
-    base = group.get("initial_lr")
-    if base is None:
-        base = group["lr"]
-        if isinstance(scheduler, S.LambdaLR):  # closed form: lr = base * lambda(epoch)
-            factor = scheduler.lr_lambdas[-1](scheduler.last_epoch)
-            base = base / factor if factor else base
-        group["initial_lr"] = base
-    for attr in _LIST_ATTRS:
-        values = getattr(scheduler, attr, None)
-        if isinstance(values, list):
-            values.append({"base_lrs": base, "_last_lr": group["lr"]}.get(attr, values[-1]))
-    if isinstance(scheduler, (S.LambdaLR, S.MultiplicativeLR)):
-        scheduler.lr_lambdas.append(scheduler.lr_lambdas[-1])
-
-
 def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr: float | None = None,
                    scheduler: Any = None) -> list[str]:
     """Add the model's trainable parameters that the optimizer lacks (matched by identity)
@@ -160,8 +128,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     (['bias'], [])
     """
     optimizer, scheduler = unwrap_prepared(optimizer), unwrap_prepared(scheduler)
-    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    new = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in known]
+    new = untracked(optimizer, unwrap(model).named_parameters())
     if not new:
         return []
     named = any("param_names" in g for g in optimizer.param_groups)
@@ -170,10 +137,10 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr:
     if lr is not None:
         group["lr"] = lr
     if scheduler is not None:
-        _check_scheduler(scheduler)  # refuse before touching the optimizer
+        check_scheduler(scheduler)  # refuse before touching the optimizer
     optimizer.add_param_group(group)
     if scheduler is not None:
-        _extend_scheduler(scheduler, optimizer.param_groups[-1])
+        extend_scheduler(scheduler, optimizer.param_groups[-1])
     return [n for n, _ in new]
 
 
@@ -204,25 +171,8 @@ def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPol
                                      f"{type(model).__name__}. Use ll.apply() for unwrapped models.")
     inner = ddp.module
     result = apply(inner, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
-    wrapped = torch.nn.parallel.DistributedDataParallel(inner, **_ddp_arguments(ddp))
+    wrapped = torch.nn.parallel.DistributedDataParallel(inner, **ddp_arguments(ddp))
     return wrapped, result
-
-
-_DDP_ARGUMENTS = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
-                  "gradient_as_bucket_view", "static_graph", "mixed_precision", "skip_all_reduce_unused_params",
-                  "forward_sync_buffers")
-
-
-def _ddp_arguments(ddp: torch.nn.parallel.DistributedDataParallel) -> dict[str, Any]:
-    """The constructor arguments a DDP wrapper keeps, to build an equal one."""
-    import inspect
-
-    accepted = inspect.signature(type(ddp).__init__).parameters
-    out = {name: getattr(ddp, name) for name in _DDP_ARGUMENTS if name in accepted and hasattr(ddp, name)}
-    if "forward_sync_buffers" not in out:
-        out["broadcast_buffers"] = ddp.broadcast_buffers
-    out["bucket_cap_mb"] = ddp.bucket_bytes_cap / (1024 * 1024)
-    return out
 
 
 def check_ranks(model: torch.nn.Module, group: Any = None) -> str:

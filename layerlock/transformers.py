@@ -36,14 +36,15 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .backends.torch_internals import check_scheduler, extend_scheduler, wrap_state_dict
+from .backends.wrappers import unwrap_prepared
+from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import plan
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, PhaseStepper, Schedule
-from .backends.torch import unwrap_prepared
-from .schedule import warn_check
-from .torch import _check_scheduler, _extend_scheduler
+from .schedule import Phase, Schedule
+from .stepper import PhaseStepper, warn_check
 
 __all__ = ["FreezeScheduler"]
 
@@ -92,7 +93,7 @@ class FreezeScheduler(TrainerCallback):
         self._model, self._args = model, args
         self._optimizer, self._scheduler = unwrap_prepared(optimizer), unwrap_prepared(lr_scheduler)
         if len(self.schedule.phases) > 1 and self._scheduler is not None:
-            _check_scheduler(self._scheduler)  # refuse before the first step, not at a transition
+            check_scheduler(self._scheduler)  # refuse before the first step, not at a transition
         groups = self._optimizer.param_groups
         saved = groups[-1].pop(_KEY, None)
         self._base_groups = len(groups)
@@ -155,8 +156,7 @@ class FreezeScheduler(TrainerCallback):
         optimizer = self._optimizer
         if optimizer is None:
             return ""
-        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        new = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad and id(p) not in known]
+        new = untracked(optimizer, self._model.named_parameters())
         if not new:
             return ""
         decay = set(Trainer.get_decay_parameter_names(None, self._model))  # the Trainer's own rule
@@ -169,7 +169,7 @@ class FreezeScheduler(TrainerCallback):
                 optimizer.add_param_group({"params": params, "weight_decay": weight_decay,
                                            "lr": base * factor, "initial_lr": base})
                 if self._scheduler is not None:
-                    _extend_scheduler(self._scheduler, optimizer.param_groups[-1])
+                    extend_scheduler(self._scheduler, optimizer.param_groups[-1])
         return f"optimizer +{len(new)} tensors at base lr {base:g}"
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -183,13 +183,8 @@ class FreezeScheduler(TrainerCallback):
         if getattr(optimizer, "_layerlock_fold", None) is not self:
             optimizer.register_state_dict_post_hook(self._fold_optimizer)
             optimizer._layerlock_fold = self  # type: ignore[attr-defined]
-        if scheduler is not None and "state_dict" not in vars(scheduler):
-            plain = scheduler.state_dict
-
-            def state_dict() -> dict[str, Any]:
-                return self._fold_scheduler(plain())
-
-            scheduler.state_dict = state_dict
+        if scheduler is not None:
+            wrap_state_dict(scheduler, self._fold_scheduler)
 
     def _fold_optimizer(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         n = self._base_groups

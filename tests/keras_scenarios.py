@@ -51,7 +51,8 @@ def fit(model: keras.Model, epochs: int = 1, callbacks: list | None = None) -> N
 def all_weights(model: keras.Model) -> dict[str, object]:
     """Every weight by layerlock path, BatchNorm moving statistics included."""
     out = {}
-    for path, layer in KerasBackend()._index(model).layers.items():
+    walk = KerasBackend().walk(model)
+    for path, layer in dict(zip(walk.tree.layer_paths, walk.layers)).items():
         for v in layer._trainable_variables + layer._non_trainable_variables:
             out[f"{path}.{v.name}" if path else v.name] = v
     return out

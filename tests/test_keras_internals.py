@@ -1,13 +1,9 @@
-"""Keras internals behind one door: every private Keras / TensorFlow / tf_keras attribute
-layerlock uses lives in layerlock/backends/keras_internals.py, and a layout it does not know
-makes ``apply`` refuse before anything changes."""
+"""Keras internals behind one door (layerlock/backends/keras_internals.py; the scan is
+tests/test_doors.py): a layout it does not know makes ``apply`` refuse before anything changes."""
 
 from __future__ import annotations
 
-import ast
 import os
-import re
-from pathlib import Path
 
 import pytest
 
@@ -17,54 +13,6 @@ np = pytest.importorskip("numpy")
 
 import layerlock as ll  # noqa: E402
 import layerlock.keras as llk  # noqa: E402
-
-PACKAGE = Path(__file__).resolve().parent.parent / "layerlock"
-DOOR = PACKAGE / "backends" / "keras_internals.py"
-# Modules that handle Keras models: they may use no private Keras attribute at all.
-KERAS_FACING = [PACKAGE / "backends" / "keras.py", PACKAGE / "keras.py", PACKAGE / "demo" / "keras_run.py"]
-# Everything behind the door. Adding a name here is a decision: give it a layout check.
-BEHIND_THE_DOOR = {
-    "_flatten_layers", "_trainable_variables", "_trainable_weights", "_value",                # layers, variables
-    "_variables", "_trainable_variables_indices", "_var_key", "_tracker", "_built", "_index_dict",  # optimizers
-    "keras.src.utils.tracking",
-    "_distribute_strategy", "_is_compiled", "_compiled_trainable_state", "_reset_compile_cache",  # models
-}
-PRIVATE_NAME = re.compile(r"_(?!_|layerlock)\w+")  # not dunders, not layerlock's own marks
-PRIVATE_MODULE = re.compile(r"((tf_)?keras\.src|tensorflow\.python)(\.\w+)*")
-
-
-def private_uses(path: Path) -> set[str]:
-    """Private names a module uses on objects other than itself: ``x._name`` (x not self or
-    cls), a private name as a string (``getattr(x, "_name")``, a layout table) and private
-    framework modules (``keras.src...``), imported or named."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Attribute) and PRIVATE_NAME.fullmatch(node.attr):
-            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-                found.add(node.attr)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if PRIVATE_NAME.fullmatch(node.value) or PRIVATE_MODULE.fullmatch(node.value):
-                found.add(node.value)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            found |= {n for n in names if PRIVATE_MODULE.fullmatch(n)}
-    return found
-
-
-def test_the_door_uses_exactly_the_listed_private_names():
-    assert private_uses(DOOR) == BEHIND_THE_DOOR
-
-
-@pytest.mark.parametrize("path", KERAS_FACING, ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_keras_facing_modules_use_no_private_keras_attribute(path):
-    assert private_uses(path) == set()
-
-
-def test_no_other_module_uses_a_name_behind_the_door():
-    leaks = {str(p.relative_to(PACKAGE)): used for p in PACKAGE.rglob("*.py") if p != DOOR
-             and (used := private_uses(p) & BEHIND_THE_DOOR)}
-    assert leaks == {}
-
 
 # -- a layout layerlock does not know ------------------------------------------------------------
 def trained_model():

@@ -40,13 +40,13 @@ which checks each layout first and refuses one it does not know before anything 
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, SpecError
-from ..results import Finding, Plan, State
-from ..tree import Node, Param
+from ..results import Plan, State
+from ..tree import Tree, Walk, build
 from . import keras_internals as internals
 
 HOLD = "_layerlock_held"
@@ -54,19 +54,27 @@ RATE = "_layerlock_rate"
 DROPOUTS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "AlphaDropout")
 
 
-@dataclass
-class _Index:
-    """A model walked once: its Node tree and the objects behind the paths."""
-
-    root: Node
-    layers: dict[str, Any] = field(default_factory=dict)      # layer path -> layer
-    variables: dict[str, Any] = field(default_factory=dict)   # parameter path -> variable
-    order: list[tuple[Node, Any]] = field(default_factory=list)  # pre-order, shared layers repeated
-
-
-def _short_name(variable: Any) -> str:
-    # Keras 3 names are already short; tf.Variable names carry scopes and ':0'.
+def short_name(variable: Any) -> str:
+    """A variable's name without scopes: Keras 3 names are already short; tf.Variable names
+    carry scopes and ``:0``."""
     return str(variable.name).rpartition("/")[2].partition(":")[0]
+
+
+def _numel(variable: Any) -> int:
+    numel = 1
+    for d in variable.shape:
+        numel *= int(d)
+    return numel
+
+
+def _deduplicated(names: list[str]) -> list[str]:
+    """``a, a, b`` -> ``a, a_1, b``: paths must be unique where Keras names are not."""
+    used: dict[str, int] = {}
+    out = []
+    for name in names:
+        n = used[name] = used.get(name, -1) + 1
+        out.append(name if n == 0 else f"{name}_{n}")
+    return out
 
 
 class KerasBackend:
@@ -75,6 +83,9 @@ class KerasBackend:
     name = "keras"
     module = "keras"
     param_level = True
+
+    def __init__(self) -> None:
+        self._last: tuple[weakref.ref[Any], Walk] | None = None  # the walk of the last tree(), for apply()
 
     # -- where Keras 3 and tf_keras differ ------------------------------------------------------
     def _keras(self) -> Any:
@@ -91,8 +102,7 @@ class KerasBackend:
         if not trainable:
             internals.clear_torch_grad(variable)  # no stale gradient buffer on a frozen weight
 
-    def _check_layer_level(self, index: _Index, after: dict[Hashable, bool],
-                           target: dict[Hashable, bool]) -> None:
+    def _check_layer_level(self, walk: Walk, after: dict[Hashable, bool], target: dict[Hashable, bool]) -> None:
         """Keras 3 flags each variable on its own: any layout of the plan can be set."""
 
     def _before_change(self, model: Any) -> None:
@@ -104,153 +114,153 @@ class KerasBackend:
 
     def _refresh(self, model: Any, changed: bool) -> None:
         """Make the next step of fit / train_on_batch use the new flags."""
-        if _sync_model_optimizer(model) or changed:
+        if sync_model_optimizer(model) or changed:
             internals.rebuild_step_functions(model)
 
     # -- protocol -----------------------------------------------------------------------------
     def owns(self, model: Any) -> bool:
         return isinstance(model, self._keras().layers.Layer)
 
-    def tree(self, model: Any) -> Node:
-        return self._index(model).root
+    def tree(self, model: Any) -> Tree:
+        walk = self.walk(model)
+        try:
+            self._last = (weakref.ref(model), walk)  # ll.apply() calls tree() then apply(): walk once
+        except TypeError:
+            self._last = None
+        return walk.tree
 
     def apply(self, model: Any, plan: Plan) -> None:
-        index = self._index(model)
-        missing = [path for path in plan.paths if path not in index.variables]
+        last, self._last = self._last, None
+        walk = last[1] if last is not None and last[0]() is model and tuple(last[1].tree.param_paths) == plan.paths \
+            else self.walk(model)
+        variables = dict(zip(walk.tree.param_paths, walk.tensors))
+        missing = [path for path in plan.paths if path not in variables]
         if missing:
             raise BackendError(f"the plan names parameters this model lacks ({', '.join(missing[:5])}); "
                                "make the plan with ll.plan() on this very model")
-        after = {id(index.variables[path]): a for path, a in zip(plan.paths, plan.trainable_after)}
-        held = {id(index.layers[lp.path]): lp.held_after for lp in plan.layers if lp.path in index.layers}
-        self._commit(model, index, after, held, {})
+        after = {id(variables[path]): a for path, a in zip(plan.paths, plan.trainable_after)}
+        layers = dict(zip(walk.tree.layer_paths, walk.layers))
+        held = {id(layers[lp.path]): lp.held_after for lp in plan.layers if lp.path in layers}
+        self._commit(model, walk, after, held, {})
 
     def read(self, model: Any) -> State:
-        index = self._index(model)
-        return State(
-            self.name,
-            {p.path: p.trainable for p in index.root.parameters()},
-            {node.path: {"trainable": bool(layer.trainable), "held": bool(layer.__dict__.get(HOLD, False))}
-             for node, layer in index.order})
+        return self._state(model, self.walk(model))
 
     def write(self, model: Any, state: State) -> None:
-        index = self._index(model)
-        after = {id(v): state.params[path] for path, v in index.variables.items() if path in state.params}
+        walk = self.walk(model)
+        tree = walk.tree
+        after = {id(v): state.params[path] for path, v in zip(tree.param_paths, walk.tensors) if path in state.params}
         flags: dict[Hashable, bool] = {}
         held: dict[Hashable, bool] = {}
-        for node, layer in index.order:
-            recorded = state.layers.get(node.path)
+        for path, layer in zip(tree.layer_paths, walk.layers):
+            recorded = state.layers.get(path)
             if recorded is not None:
-                flags[node.key] = recorded.get("trainable", bool(layer.trainable))
-                held[node.key] = recorded.get("held", False)
-        self._commit(model, index, after, held, flags)
+                flags[id(layer)] = recorded.get("trainable", bool(layer.trainable))
+                held[id(layer)] = recorded.get("held", False)
+        self._commit(model, walk, after, held, flags)
 
     def weights(self, model: Any) -> Iterator[tuple[str, bool, bytes]]:
         import numpy as np
 
-        index = self._index(model)
-        for p in index.root.unique_parameters():
-            yield p.path, p.trainable, np.asarray(index.variables[p.path].numpy()).tobytes()
+        for path, trainable, variable in self.unique_variables(self.walk(model)):
+            yield path, trainable, np.asarray(variable.numpy()).tobytes()
 
-    def check(self, model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
-              schedule: Any = None) -> list[Finding]:
-        """The findings of :func:`layerlock.check` for a Keras model (reads, changes nothing).
-        ``optimizer`` defaults to the compiled model's; ``scheduler`` and ``schedule`` have no
-        Keras meaning."""
-        index = self._index(model)
-        params = list(index.root.unique_parameters())
-        variables = [index.variables[p.path] for p in params]
-        found = [f for f in [_stale_finding(model, params, variables)] if f is not None]
-        if bn != "trainable":
-            found += _norm_findings(index)
-        optimizer = _compiled_optimizer(model) if optimizer is None else optimizer
-        if optimizer is not None:
-            found += _optimizer_findings(internals.held_slots(optimizer, variables), params)
-        return found
+    # -- the walk -------------------------------------------------------------------------------
+    def walk(self, model: Any) -> Walk:
+        """The model walked once: its tree, and the layer and variable behind each entry.
 
-    # -- the walk and the commit ----------------------------------------------------------------
-    def _index(self, model: Any) -> _Index:
+        Layers are ``model.layers`` (recursing into nested models and into layers that hold
+        layers), so ``depth=N`` means ``model.layers[:N]``; weighted layers a model tracks
+        elsewhere come after them. Names that repeat get ``_1``, ``_2``.
+        """
         keras = self._keras()
         norm_types = (keras.layers.BatchNormalization,)
         trainable_ids = {id(v) for v in model.trainable_weights}
-        index = _Index(Node("", type(model).__name__))
 
-        def children(layer: Any) -> list[Any]:
+        def children(layer: Any) -> list[tuple[str, Any]]:
             if isinstance(layer, keras.Model):
-                # depth=N must mean model.layers[:N]; weighted layers tracked elsewhere come last.
                 out = list(layer.layers)
                 seen = {id(x) for x in out}
-                return out + [x for x in internals.sublayers(layer) if id(x) not in seen and x.weights]
-            return internals.sublayers(layer)
+                out += [x for x in internals.sublayers(layer) if id(x) not in seen and x.weights]
+            else:
+                out = internals.sublayers(layer)
+            return list(zip(_deduplicated([x.name for x in out]), out))
 
-        def build(path: str, layer: Any) -> Node:
-            prefix = path + "." if path else ""
+        def params(layer: Any) -> list[tuple[str, Any, int, bool]]:
+            variables = self._own_params(layer)
+            return [(name, v, _numel(v), id(v) in trainable_ids)
+                    for name, v in zip(_deduplicated([short_name(v) for v in variables]), variables)]
+
+        def describe(layer: Any) -> tuple[str, bool, bool]:
             norm = isinstance(layer, norm_types)
-            node = Node(path, type(layer).__name__, norm=norm, key=id(layer),
-                        held=bool(layer.__dict__.get(HOLD, False)) or (norm and not layer.trainable))
-            index.layers.setdefault(path, layer)
-            index.order.append((node, layer))
-            used: dict[str, int] = {}
-            for variable in self._own_params(layer):
-                short = _short_name(variable)
-                n = used[short] = used.get(short, -1) + 1
-                vpath = prefix + (short if n == 0 else f"{short}_{n}")
-                index.variables[vpath] = variable
-                numel = 1
-                for d in variable.shape:
-                    numel *= int(d)
-                node.params.append(Param(vpath, numel, id(variable) in trainable_ids, id(variable)))
-            used = {}
-            for child in children(layer):
-                n = used[child.name] = used.get(child.name, -1) + 1
-                node.children.append(build(prefix + (child.name if n == 0 else f"{child.name}_{n}"), child))
-            return node
+            return type(layer).__name__, norm, bool(layer.__dict__.get(HOLD, False)) or (norm and not layer.trainable)
 
-        index.root = build("", model)
-        return index
+        return build(model, children, params, describe)
 
-    def _commit(self, model: Any, index: _Index, after: dict[Hashable, bool],
+    @staticmethod
+    def unique_variables(walk: Walk) -> list[tuple[str, bool, Any]]:
+        """``(path, trainable, variable)`` for each variable once, under its first path."""
+        seen: set[Hashable] = set()
+        tree = walk.tree
+        return [(tree.param_paths[o], tree.trainable[o], walk.tensors[o]) for o, key in enumerate(tree.param_keys)
+                if not (key in seen or seen.add(key))]
+
+    def _state(self, model: Any, walk: Walk) -> State:
+        """The flags now, read from the objects the walk found."""
+        trainable_ids = {id(v) for v in model.trainable_weights}
+        tree = walk.tree
+        return State(
+            self.name,
+            {path: id(v) in trainable_ids for path, v in zip(tree.param_paths, walk.tensors)},
+            {path: {"trainable": bool(layer.trainable), "held": bool(layer.__dict__.get(HOLD, False))}
+             for path, layer in zip(tree.layer_paths, walk.layers)})
+
+    # -- the commit -----------------------------------------------------------------------------
+    def _commit(self, model: Any, walk: Walk, after: dict[Hashable, bool],
                 held: dict[Hashable, bool], forced: dict[Hashable, bool]) -> None:
         """Set layer flags (parents first), holds and variable flags; check the result
         against ``model.trainable_weights`` (rolling back on a mismatch); then bring the
         compiled model in step. ``forced`` gives layer flags outright (restore)."""
-        target = self._layer_flags(index, after, held, forced)
-        self._check_layer_level(index, after, target)
-        internals.check_model(model, next(iter(index.variables.values()), None))
-        previous = self.read(model)
+        target = self._layer_flags(walk, after, held, forced)
+        self._check_layer_level(walk, after, target)
+        internals.check_model(model, next(iter(walk.tensors), None))
+        previous = self._state(model, walk)
         self._before_change(model)
+        tree = walk.tree
         try:
-            self._set(index, target, held, after)
-            self._verify(model, index, after)
+            self._set(walk, target, held, after)
+            self._verify(model, walk, after)
         except BaseException:
-            self._set(index, {n.key: s["trainable"] for n, _ in index.order
-                              if (s := previous.layers.get(n.path)) is not None},
-                      {n.key: s["held"] for n, _ in index.order if (s := previous.layers.get(n.path)) is not None},
-                      {id(v): previous.params[p] for p, v in index.variables.items()})
+            self._set(walk, {id(layer): previous.layers[path]["trainable"] for path, layer in zip(tree.layer_paths, walk.layers)},
+                      {id(layer): previous.layers[path]["held"] for path, layer in zip(tree.layer_paths, walk.layers)},
+                      {id(v): previous.params[path] for path, v in zip(tree.param_paths, walk.tensors)})
             raise
-        self._refresh(model, self.read(model) != previous)
+        self._refresh(model, self._state(model, walk) != previous)
 
-    def _set(self, index: _Index, target: dict[Hashable, bool], held: dict[Hashable, bool],
+    def _set(self, walk: Walk, target: dict[Hashable, bool], held: dict[Hashable, bool],
              after: dict[Hashable, bool]) -> None:
-        for node, layer in index.order:
-            if node.key in target:
-                layer.trainable = target[node.key]  # cascades down; descendants come later and win
-            if node.key in held:
-                if held[node.key] and not node.norm:
+        for norm, layer in zip(walk.tree.norm, walk.layers):
+            key = id(layer)
+            if key in target:
+                layer.trainable = target[key]  # cascades down; descendants come later and win
+            if key in held:
+                if held[key] and not norm:
                     object.__setattr__(layer, HOLD, True)
                 elif HOLD in layer.__dict__:
                     object.__delattr__(layer, HOLD)
-        for variable in index.variables.values():
+        for variable in walk.tensors:
             if id(variable) in after:
                 self._set_variable(variable, after[id(variable)])
-        self._hold_dropout(index)
+        self._hold_dropout(walk)
 
-    def _hold_dropout(self, index: _Index) -> None:
+    def _hold_dropout(self, walk: Walk) -> None:
         """Dropout is off (rate 0) exactly inside held subtrees; the rate comes back on release."""
-        held = [node.path + "." for node, layer in index.order if layer.__dict__.get(HOLD)]
-        for node, layer in index.order:
+        pairs = list(zip(walk.tree.layer_paths, walk.layers))
+        held = [path + "." for path, layer in pairs if layer.__dict__.get(HOLD)]
+        for path, layer in pairs:
             if type(layer).__name__ not in DROPOUTS:
                 continue
-            inside = any((node.path + ".").startswith(h) for h in held)
+            inside = any((path + ".").startswith(h) for h in held)
             saved = layer.__dict__.get(RATE)
             if inside and saved is None:
                 object.__setattr__(layer, RATE, layer.rate)
@@ -259,34 +269,36 @@ class KerasBackend:
                 layer.rate = saved
                 object.__delattr__(layer, RATE)
 
-    def _layer_flags(self, index: _Index, after: dict[Hashable, bool], held: dict[Hashable, bool],
+    def _layer_flags(self, walk: Walk, after: dict[Hashable, bool], held: dict[Hashable, bool],
                      forced: dict[Hashable, bool]) -> dict[Hashable, bool]:
         """A layer is trainable when a weight beneath it trains; a held layer (BatchNorm in
         inference mode, frozen_mode hold) is not; a layer without weights follows its parent."""
+        tree = walk.tree
+        states = [after.get(key, on) for key, on in zip(tree.param_keys, tree.trainable)]
         out: dict[Hashable, bool] = {}
-
-        def visit(node: Node, parent: bool) -> None:
-            states = [after.get(p.key, p.trainable) for p in node.parameters()]
-            if node.key in forced:
-                flag = forced[node.key]
-            elif node.norm:
-                flag = not held.get(node.key, node.held)
-            elif held.get(node.key):
+        parents: list[tuple[int, bool]] = [(len(tree.layer_paths), bool(walk.layers[0].trainable))]  # (end, flag)
+        for i, layer in enumerate(walk.layers):
+            while parents[-1][0] <= i:
+                parents.pop()
+            key, beneath = id(layer), states[tree.first[i]:tree.first[tree.end[i]]]
+            if key in forced:
+                flag = forced[key]
+            elif tree.norm[i]:
+                flag = not held.get(key, tree.held[i])
+            elif held.get(key):
                 flag = False
             else:
-                flag = any(states) if states else parent
-            out[node.key] = flag
-            for child in node.children:
-                visit(child, flag)
-
-        visit(index.root, bool(index.order[0][1].trainable))
+                flag = any(beneath) if beneath else parents[-1][1]
+            out[key] = flag
+            parents.append((tree.end[i], flag))
         return out
 
-    def _verify(self, model: Any, index: _Index, after: dict[Hashable, bool]) -> None:
+    def _verify(self, model: Any, walk: Walk, after: dict[Hashable, bool]) -> None:
         actual = {id(v) for v in model.trainable_weights}
-        known = {id(v) for v in index.variables.values()}
-        wrong = [path for path, v in index.variables.items() if (id(v) in actual) != after.get(id(v), id(v) in actual)]
-        stray = [_short_name(v) for v in model.trainable_weights if id(v) not in known]
+        known = {id(v) for v in walk.tensors}
+        wrong = [path for path, v in zip(walk.tree.param_paths, walk.tensors)
+                 if (id(v) in actual) != after.get(id(v), id(v) in actual)]
+        stray = [short_name(v) for v in model.trainable_weights if id(v) not in known]
         if wrong or stray:
             raise BackendError(
                 "after setting the flags, model.trainable_weights does not match the plan"
@@ -295,104 +307,18 @@ class KerasBackend:
                 + ". The flags were put back as they were.")
 
 
-def _compiled_optimizer(model: Any) -> Any:
+def compiled_optimizer(model: Any) -> Any:
+    """The optimizer a compiled model trains with, or None."""
     optimizer = getattr(model, "optimizer", None)
     return None if isinstance(optimizer, str) else optimizer
 
 
-def _sync_model_optimizer(model: Any) -> bool:
+def sync_model_optimizer(model: Any) -> bool:
     """Bring a compiled model's optimizer to its trainable variables; True if it changed."""
-    optimizer = _compiled_optimizer(model)
+    optimizer = compiled_optimizer(model)
     if optimizer is None:
         return False
     return internals.sync_variables(optimizer, model.trainable_variables, internals.strategy_scope(model)) is not None
-
-
-def _stale_finding(model: Any, params: list[Param], variables: list[Any]) -> Finding | None:
-    """A compiled model whose next fit trains another set than its trainable variables: Keras
-    3 on TensorFlow traces the set into the train function at the first fit, tf_keras
-    records it at compile(); neither looks at ``trainable`` again by itself."""
-    trained = internals.trained_by_fit(model, variables)
-    if trained is None:
-        return None
-    never = [p for p, t in zip(params, trained) if p.trainable and not t]
-    still = [p for p, t in zip(params, trained) if t and not p.trainable]
-    if not never and not still:
-        return None
-    effects = [f"{len(never)} trainable tensors never train"] * bool(never) + [
-        f"{len(still)} frozen tensors still train"] * bool(still)
-    return Finding(
-        "stale-train-function",
-        "fit trains the set the trainable flags gave when Keras fixed it (Keras 3 on TensorFlow: when it "
-        "traced the train function; tf_keras: at compile()), not the current one: "
-        + " and ".join(effects),
-        "ll.apply(model, spec) brings a compiled model in step (after flags set by hand, ll.apply(model, "
-        "ll.Spec()) does it): it rebuilds the train function and syncs the optimizer, keeping its state; "
-        "or compile again (a new optimizer starts over)",
-        tuple(p.path for p in never + still), scalars=sum(p.numel for p in never + still))
-
-
-def _norm_findings(index: _Index) -> list[Finding]:
-    """BatchNormalization layers whose weights are all frozen while the layer flag is on: fit
-    runs such a layer in training mode, so its moving statistics still move. Keras 3 and
-    tf_keras run a layer whose ``trainable`` is False in inference mode whatever ``training``
-    says, so this takes flags that disagree: variable flags in Keras 3
-    (``bn.gamma.trainable = False``), or in tf_keras a layer switched back on inside a frozen
-    parent (whose flag hides its weights)."""
-    seen: set[int] = set()
-    moving = []
-    for node, layer in index.order:
-        if (node.norm and node.params and layer.trainable and not any(p.trainable for p in node.params)
-                and id(layer) not in seen):
-            seen.add(id(layer))
-            moving.append(node.path)
-    if not moving:
-        return []
-    return [Finding(
-        "norm-statistics-move",
-        "these BatchNormalization layers have all their weights frozen but their layer flag on, so fit runs "
-        "them in training mode and their moving mean and variance change at every step",
-        "freeze them with ll.apply(model, spec) (bn='follow' or 'frozen' sets layer.trainable = False, which "
-        "Keras runs in inference mode), or pass bn='trainable' to ll.check if the statistics should adapt",
-        tuple(moving))]
-
-
-def _optimizer_findings(held: list[list[Any] | None] | None, params: list[Param]) -> list[Finding]:
-    """Trainable variables a built optimizer does not update, frozen ones it keeps slots for."""
-    if held is None:
-        return []
-    out = []
-    missing = [p for p, slots in zip(params, held) if p.trainable and slots is None]
-    if missing:
-        out.append(Finding(
-            "not-in-optimizer",
-            f"{len(missing)} trainable tensors are not in the optimizer (it updates the variables it was built "
-            "with; unfreezing later does not add them): fit leaves them as they are (Keras 3 on TensorFlow) or "
-            "fails with 'Unknown variable'",
-            "ll.apply(model, spec) syncs a compiled model's optimizer, keeping its state; in a custom loop call "
-            "layerlock.keras.sync_optimizer(optimizer, model); or compile again (a new optimizer starts over)",
-            tuple(p.path for p in missing), scalars=sum(p.numel for p in missing)))
-    kept = [(p, slots) for p, slots in zip(params, held) if not p.trainable and slots]
-    if kept:
-        out.append(Finding(
-            "frozen-optimizer-state",
-            f"the optimizer keeps slots (momentum, Adam moments) for {len(kept)} frozen tensors: memory and "
-            "checkpoint space for variables that do not train",
-            "ll.apply(model, spec), or layerlock.keras.sync_optimizer(optimizer, model) in a custom loop, takes "
-            "them out of the optimizer and its checkpoints (layerlock keeps them aside in case they are "
-            "unfrozen); to free the memory, build a new optimizer",
-            tuple(p.path for p, _ in kept), bytes=sum(_nbytes(s) for _, slots in kept for s in slots)))
-    return out
-
-
-def _nbytes(variable: Any) -> int:
-    import numpy as np
-
-    numel = 1
-    for d in variable.shape:
-        numel *= int(d)
-    dtype = variable.dtype  # a name in Keras 3, a tf.DType in tf_keras
-    return numel * np.dtype(getattr(dtype, "as_numpy_dtype", dtype)).itemsize
 
 
 class TfKerasBackend(KerasBackend):
@@ -411,18 +337,18 @@ class TfKerasBackend(KerasBackend):
     def _set_variable(self, variable: Any, trainable: bool) -> None:
         """A TF variable's flag cannot change; its layer's flag decides."""
 
-    def _check_layer_level(self, index: _Index, after: dict[Hashable, bool],
-                           target: dict[Hashable, bool]) -> None:
+    def _check_layer_level(self, walk: Walk, after: dict[Hashable, bool], target: dict[Hashable, bool]) -> None:
         # In tf_keras a frozen layer hides every weight beneath it, so a layer whose own
         # weights are frozen cannot hold a sublayer that trains.
-        for node, _ in index.order:
-            for p in node.params:
-                if after.get(p.key, p.trainable) != target[node.key]:
-                    raise SpecError(
-                        f"tf_keras cannot make {p.path!r} {'trainable' if after[p.key] else 'frozen'} while "
-                        f"layer {node.path or '(root)'!r} is {'trainable' if target[node.key] else 'frozen'} "
-                        "(tf_keras freezes whole layers, and a frozen layer hides its sublayers' weights). "
-                        "Select whole layers, or use Keras 3 for parameter-level rules.")
+        tree = walk.tree
+        for o, (key, layer) in enumerate(zip(tree.param_keys, tree.owner)):
+            flag = target[id(walk.layers[layer])]
+            if after.get(key, tree.trainable[o]) != flag:
+                raise SpecError(
+                    f"tf_keras cannot make {tree.param_paths[o]!r} {'trainable' if after[key] else 'frozen'} "
+                    f"while layer {tree.layer_paths[layer] or '(root)'!r} is {'trainable' if flag else 'frozen'} "
+                    "(tf_keras freezes whole layers, and a frozen layer hides its sublayers' weights). "
+                    "Select whole layers, or use Keras 3 for parameter-level rules.")
 
     def _before_change(self, model: Any) -> None:
         pass
@@ -430,12 +356,8 @@ class TfKerasBackend(KerasBackend):
     def _refresh(self, model: Any, changed: bool) -> None:
         # tf_keras trains with the flags recorded at compile(); refresh that record when it
         # differs from the flags now, also after a change by hand.
-        changed |= _sync_model_optimizer(model)
+        changed |= sync_model_optimizer(model)
         recorded = internals.compiled_trainable(model)
         if recorded is not None and (changed or recorded != {id(v) for v in model.trainable_weights}):
             internals.reset_compile_record(model)
 
-    def weights(self, model: Any) -> Iterator[tuple[str, bool, bytes]]:
-        index = self._index(model)
-        for p in index.root.unique_parameters():
-            yield p.path, p.trainable, index.variables[p.path].numpy().tobytes()

@@ -1,0 +1,108 @@
+"""Guards for distributed torch wrappers: a trainable set that DistributedDataParallel's
+reducer or FSDP1's flat parameters, both fixed at wrap time, cannot serve is refused with
+:class:`~layerlock.DistributedFreezeError` before anything changes; and the arguments to
+build an equal DDP wrapper again (what ``layerlock.torch.rewrap`` does).
+
+>>> import torch
+>>> check_ddp(torch.nn.Linear(1, 1), [("weight", False)])   # nothing wrapped: nothing to guard
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..errors import DistributedFreezeError
+from . import torch_internals as internals
+from .wrappers import ddp_of, unwrap
+
+FIX = ("Use `model, plan = layerlock.torch.rewrap(model, spec)` (applies the spec to the inner module "
+       "and wraps it again with the same DDP arguments; the optimizer keeps working), or apply the "
+       "spec before wrapping.")
+
+
+def _reducer_params(ddp: nn.parallel.DistributedDataParallel, params: dict[str, nn.Parameter],
+                    ignored: set[str]) -> set[int]:
+    """Identities of the parameters DDP's reducer was built with.
+
+    The reducer does not expose them; it counts them. Layerlock records the set the first
+    time it meets the wrapper, after checking that the count still matches (so nobody
+    changed ``requires_grad`` since wrapping).
+    """
+    cached = ddp.__dict__.get("_layerlock_reducer_params")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    current = {id(p) for n, p in params.items() if p.requires_grad and n not in ignored}
+    expected = internals.ddp_tracked_count(ddp)
+    expected = len(current) if expected is None else expected
+    if len(current) != expected:
+        raise DistributedFreezeError(
+            f"requires_grad changed after this model was wrapped in DistributedDataParallel (its reducer "
+            f"tracks {expected} parameters, {len(current)} require grad now), so layerlock cannot tell which "
+            "gradients are all-reduced. Use layerlock.torch.rewrap(model, spec) or apply specs before wrapping.")
+    ddp.__dict__["_layerlock_reducer_params"] = current
+    return current
+
+
+def check_ddp(model: nn.Module, decisions: Iterable[tuple[str, bool]], kinds: Iterable[str] | None = None) -> None:
+    """Refuse a trainable set that DDP's reducer, built at wrap time, cannot serve.
+
+    Measured (torch 2.13, gloo): freezing a parameter DDP tracks works only with
+    ``find_unused_parameters=True`` and no ``static_graph`` (else the next iteration
+    fails); making trainable a parameter DDP does not track raises nothing but its
+    gradients are never all-reduced, so the ranks drift apart silently.
+    ``decisions`` yields (path, trainable); it is only read for a wrapped model. ``kinds``,
+    the class names of the modules under the wrappers, saves a walk when the caller has them.
+    """
+    if ddp_of(model) is None and "torch.distributed.fsdp" not in sys.modules:
+        return  # nothing wrapped: the common case costs one attribute walk
+    if kinds is None:
+        kinds = (type(m).__name__ for m in unwrap(model).modules())
+    fsdp1 = type(model).__name__ == "FullyShardedDataParallel" or "FullyShardedDataParallel" in kinds
+    if not fsdp1 and ddp_of(model) is None:
+        return
+    trainable = dict(decisions)
+    if fsdp1 and any(p.requires_grad != trainable[n] for n, p in unwrap(model).named_parameters()):
+        raise DistributedFreezeError(
+            "this model holds FSDP1 FullyShardedDataParallel units, which flatten parameters at wrap time; "
+            "changing requires_grad afterwards is not supported. Apply the spec before wrapping (with "
+            "use_orig_params=True to mix frozen and trainable parameters in one unit), or shard with FSDP2 "
+            "torch.distributed.fsdp.fully_shard, which accepts changes after sharding.")
+    ddp = ddp_of(model)
+    if ddp is None:
+        return
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    params = dict(ddp.module.named_parameters())
+    tracked = _reducer_params(ddp, params, ignored)
+    untracked = [n for n, on in trainable.items() if on and id(params[n]) not in tracked and n not in ignored]
+    frozen = [n for n, on in trainable.items() if not on and id(params[n]) in tracked]
+    if untracked:
+        raise DistributedFreezeError(
+            f"DistributedDataParallel was built when {untracked[0]!r}"
+            f"{f' and {len(untracked) - 1} more' if len(untracked) > 1 else ''} did not require grad, so "
+            f"their gradients would never be all-reduced and the ranks would drift apart silently. {FIX}")
+    if frozen and (not ddp.find_unused_parameters or ddp.static_graph):
+        raise DistributedFreezeError(
+            f"freezing {frozen[0]!r}{f' and {len(frozen) - 1} more' if len(frozen) > 1 else ''} inside "
+            f"DistributedDataParallel(find_unused_parameters={ddp.find_unused_parameters}, "
+            f"static_graph={ddp.static_graph}) makes the next iteration fail (\"Expected to have finished "
+            f"reduction...\"). {FIX} Or wrap with find_unused_parameters=True (freezing only).")
+
+
+_DDP_ARGUMENTS = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
+                  "gradient_as_bucket_view", "static_graph", "mixed_precision", "skip_all_reduce_unused_params",
+                  "forward_sync_buffers")
+
+
+def ddp_arguments(ddp: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
+    """The constructor arguments a DDP wrapper keeps, to build an equal one."""
+    accepted = inspect.signature(type(ddp).__init__).parameters
+    out = {name: getattr(ddp, name) for name in _DDP_ARGUMENTS if name in accepted and hasattr(ddp, name)}
+    if "forward_sync_buffers" not in out:
+        out["broadcast_buffers"] = ddp.broadcast_buffers
+    out["bucket_cap_mb"] = ddp.bucket_bytes_cap / (1024 * 1024)
+    return out
