@@ -254,3 +254,14 @@ def test_frozen_mode_eval_turns_dropout_off_in_held_subtrees_only_and_restore_br
     ll.restore(model, state)
     assert base.get_layer("drop").rate == 0.5
     assert not np.array_equal(features(x, training=True), features(x, training=True))
+
+
+def test_apply_walks_the_model_once(monkeypatch):
+    model = keras.Sequential([keras.Input((4,)), functional("base"), keras.layers.Dense(1, name="head")])
+    model.compile("sgd", "mse")
+    backend = get_backend(model)
+    calls = []
+    walk = type(backend).walk
+    monkeypatch.setattr(type(backend), "walk", lambda self, m: calls.append(1) or walk(self, m))
+    ll.apply(model, ll.freeze("base"))
+    assert len(calls) == 1
