@@ -45,22 +45,22 @@ def _refuse(detail: str, fallback: str) -> BackendError:
 
 
 # -- modules --------------------------------------------------------------------------------------
+def _own(module: Any, attr: str) -> dict[str, Any]:
+    entries = module.__dict__.get(attr)
+    if not isinstance(entries, dict):
+        raise _refuse(f"{type(module).__name__} has no {attr} dict",
+                      "set requires_grad by hand on model.named_parameters().")
+    return entries
+
+
 def own_parameters(module: Any) -> dict[str, Any]:
     """The module's own parameters by name (None entries included, as torch keeps them)."""
-    params = module.__dict__.get("_parameters")
-    if not isinstance(params, dict):
-        raise _refuse(f"{type(module).__name__} has no _parameters dict",
-                      "set requires_grad by hand on model.named_parameters().")
-    return params
+    return _own(module, "_parameters")
 
 
 def own_modules(module: Any) -> dict[str, Any]:
     """The module's direct submodules by name (None entries included)."""
-    modules = module.__dict__.get("_modules")
-    if not isinstance(modules, dict):
-        raise _refuse(f"{type(module).__name__} has no _modules dict",
-                      "set requires_grad by hand on model.named_parameters().")
-    return modules
+    return _own(module, "_modules")
 
 
 def norm_types() -> tuple[type, ...]:
