@@ -29,16 +29,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .backends.flax import TRAINABLE, NnxBackend, is_trainable
+from .backends.flax import TRAINABLE, NnxBackend, is_trainable, parameters
 from .errors import SpecError
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import LoopScheduler, Phase, Schedule
+from .schedule import Phase, Schedule
+from .stepper import LoopScheduler
 
 __all__ = ["trainable", "is_trainable", "sync_optimizer", "FreezeScheduler", "NnxBackend"]
 
 trainable = TRAINABLE
-_BACKEND = NnxBackend()
 
 
 def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -81,7 +81,7 @@ def sync_optimizer(optimizer: nnx.Optimizer, model: nnx.Module) -> list[str]:
     # A parameter is tracked when some state leaf ends with its path (mu.<path>, nu.<path>, ...).
     suffixes = {keys[i:] for keys in old for i in range(len(keys))}
     new = {".".join(keys) for keys in wanted if keys not in suffixes}
-    added = [path for path in _BACKEND._params(model) if path in new]  # in model order
+    added = [path for path in parameters(model) if path in new]  # in model order
     wanted_set = set(wanted)
     dropped = any(np.ndim(var.get_value()) > 0 and not any(keys[i:] in wanted_set for i in range(len(keys)))
                   for keys, var in old.items())

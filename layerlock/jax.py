@@ -19,9 +19,6 @@ activation function) are never trainable.
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,84 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .errors import BackendError, SpecError
+from .backends import pytree
+from .errors import SpecError
 from .resolver import resolve
 from .results import Plan
 from .spec import Spec
-from .tree import Node, Param
 
 __all__ = ["mask", "partition", "combine", "optimizer", "carry_state", "plan"]
-
-_LINEN_NAME = re.compile(r"(.+)_\d+")
-_ACCEPTED = ("an Equinox module, a Flax linen param dict, or a dict / list / tuple of arrays")
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
-
-
-def _is_module(x: Any) -> bool:
-    # An Equinox module is a dataclass registered as a pytree; checked without importing equinox.
-    return dataclasses.is_dataclass(x) and not isinstance(x, type)
-
-
-def _kind(node: Any, name: str) -> str:
-    if _is_module(node):
-        return type(node).__name__
-    match = _LINEN_NAME.fullmatch(name) if isinstance(node, Mapping) else None
-    return match.group(1) if match else type(node).__name__
-
-
-def _children(node: Any) -> list[tuple[str, Any]] | None:
-    if isinstance(node, Mapping):
-        return [(str(k), v) for k, v in node.items()]
-    if isinstance(node, (list, tuple)):
-        return [(str(i), v) for i, v in enumerate(node)]
-    if _is_module(node):
-        if type(node).__name__ == "StateIndex":  # Equinox BatchNorm state: not parameters
-            return []
-        # Static fields (an Equinox conv's kernel_size) are configuration, not leaves.
-        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)
-                if hasattr(node, f.name) and not f.metadata.get("static", False)]
-    return None
-
-
-def _tree(tree: Any) -> Node:
-    """The pytree as a layerlock Node tree; refuses what is not a pytree of arrays."""
-    if _children(tree) is None:
-        what = f"an array of shape {tuple(tree.shape)}" if _is_array(tree) else type(tree).__name__
-        raise BackendError(f"layerlock.jax takes {_ACCEPTED}; received {what}. Wrap a single array in a "
-                           "dict ({'w': array}); pass a flax.nnx.Module to ll.apply instead")
-    count = [0]
-
-    def visit(path: str, name: str, node: Any) -> Node:
-        out = Node(path, _kind(node, name), key=id(node))
-        prefix = path + "." if path else ""
-        for k, v in _children(node) or ():
-            if _is_array(v):
-                out.params.append(Param(prefix + k, int(np.prod(v.shape)), True, count[0]))
-                count[0] += 1
-            elif _children(v) is not None:
-                out.children.append(visit(prefix + k, k, v))
-            elif v is not None and not _is_module(node) and not callable(v):
-                raise BackendError(f"leaf {prefix + k!r} is a {type(v).__name__} ({v!r:.40}), not an array; "
-                                   f"layerlock.jax takes {_ACCEPTED}. Convert it with jnp.asarray or drop it")
-        return out
-
-    root = visit("", "", tree)
-    if count[0] == 0:
-        raise BackendError(f"this {type(tree).__name__} holds no arrays; layerlock.jax takes {_ACCEPTED}")
-    return root
-
-
-def _path(keys: tuple[Any, ...]) -> str:
-    parts = []
-    for k in keys:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return ".".join(parts)
 
 
 def plan(tree: Any, spec: Spec, *, strict: bool = True) -> Plan:
@@ -118,7 +44,7 @@ def plan(tree: Any, spec: Spec, *, strict: bool = True) -> Plan:
     """
     if not isinstance(spec, Spec):
         raise SpecError(f"expected a layerlock Spec such as ll.freeze('encoder'); received {type(spec).__name__}")
-    return resolve(_tree(tree), spec, strict=strict, backend="jax")
+    return resolve(pytree.tree(tree), spec, strict=strict, backend="jax")
 
 
 def _decisions(tree: Any, spec: Spec, strict: bool) -> dict[str, bool]:
@@ -135,7 +61,7 @@ def mask(tree: Any, spec: Spec, *, strict: bool = True) -> Any:
     [False, True]
     """
     decided = _decisions(tree, spec, strict)
-    return jax.tree_util.tree_map_with_path(lambda k, x: decided.get(_path(k), False), tree)
+    return jax.tree_util.tree_map_with_path(lambda k, x: decided.get(pytree.path_of(k), False), tree)
 
 
 def partition(tree: Any, spec: Spec, *, strict: bool = True) -> tuple[Any, Any]:
@@ -182,7 +108,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
 
     def labels(params: Any) -> Any:
         def label(keys: tuple[Any, ...], _: Any) -> str:
-            path = _path(keys)
+            path = pytree.path_of(keys)
             if path not in decided:
                 raise SpecError(f"this layerlock.jax.optimizer was built for a tree without the leaf {path!r}; "
                                 "build it with the pytree you train")

@@ -29,6 +29,7 @@ DOORS = {
         "_last_lr",                                                   # LR schedulers (and lr_lambdas)
     },
     BACKENDS / "hf_internals.py": {"_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks"},
+    BACKENDS / "flax_internals.py": {"_pytree__nodes", "_pytree__"},  # definition order; flax's bookkeeping prefix
 }
 # Framework internals without a leading underscore, held behind a door all the same.
 UNMARKED = {BACKENDS / "torch_internals.py": {"lr_lambdas"}}
