@@ -72,7 +72,8 @@ def _resolve_model(model: Any, spec: Spec, strict: bool, bn: BnPolicy,
     try:
         root = backend.tree(model)
         return backend, resolve(root, spec, strict=strict, bn=bn, frozen_mode=frozen_mode,
-                                param_level=backend.param_level, backend=backend.name)
+                                param_level=backend.param_level, backend=backend.name,
+                                holds=getattr(backend, "holds", "any"))
     finally:
         if enabled:
             gc.enable()

@@ -27,6 +27,9 @@ from .tree import Node, Tree
 
 BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
 FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
+# What a backend can hold in inference mode: any layer, norm layers only, nothing
+# (its ``holds`` attribute; the registry validates the same values).
+HOLDS: tuple[str, ...] = ("any", "norm", "none")
 BnPolicy = Literal["follow", "trainable", "frozen"]
 _GLOB = frozenset("*?[")
 _T = TypeVar("_T")
@@ -244,11 +247,15 @@ def blocks(root: Node | Tree, within: str | None = None, *, strict: bool = True)
 
 
 def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
-            frozen_mode: str | None = None, param_level: bool = True, backend: str = "") -> Plan:
+            frozen_mode: str | None = None, param_level: bool = True, backend: str = "",
+            holds: str = "any") -> Plan:
     """Decide every parameter of the tree ``root`` under ``spec``; touches nothing.
 
     ``param_level=False`` is for backends that can only freeze whole layers: a plan that
-    splits a layer's parameters then raises :class:`SpecError`.
+    splits a layer's parameters then raises :class:`SpecError`. ``holds`` is what the
+    backend can hold in inference mode (one of :data:`HOLDS`): with ``"norm"`` or ``"none"``
+    ``frozen_mode="eval"`` raises :class:`SpecError`, and with ``"none"`` the plan holds no
+    layer (the ``bn`` policy still decides norm layers' trainable flags).
 
     >>> from layerlock.tree import Node, Param
     >>> import layerlock as ll
@@ -257,6 +264,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
     ('b',)
     """
     check_options(spec, bn, frozen_mode)
+    _check_holds(holds, frozen_mode, backend)
     tree = Tree.of(root)
     res = _Resolver(tree, strict)
     decided, groups = res.decide(spec.rules, [f"rule #{r} {rule!r}" for r, rule in enumerate(spec.rules)])
@@ -272,7 +280,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
                 after[o], rules[o] = bn == "trainable", "bn"
     if not param_level:
         _check_whole_layers(tree, after, backend)
-    layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec))
+    layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec)) if holds != "none" else ()
     paths, numels, before = tree.param_paths, tree.numels, tree.trainable
     aliases: dict[int, tuple[str, ...]] = {}
     carried: dict[int, tuple[str, ...]] = {}
@@ -294,6 +302,22 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
             + "\nTo decide the paths apart, untie the weights (e.g. tie_word_embeddings=False); to keep the "
             "tie, say so with a last rule that names all its paths.", LayerlockWarning, stacklevel=_outside())
     return plan
+
+
+def _check_holds(holds: str, frozen_mode: str | None, backend: str) -> None:
+    """Refuse what the backend cannot hold: ``frozen_mode="eval"`` needs ``holds="any"``.
+
+    >>> _check_holds("norm", "eval", "tinygrad")
+    Traceback (most recent call last):
+    ...
+    layerlock.errors.SpecError: frozen_mode='eval' holds frozen subtrees in inference mode, but the tinygrad backend ...
+    """
+    if holds not in HOLDS:
+        raise SpecError(f"holds must be one of {HOLDS}; received {holds!r}")
+    if frozen_mode == "eval" and holds != "any":
+        can = "only norm layers (holds='norm')" if holds == "norm" else "no layer (holds='none')"
+        raise SpecError(f"frozen_mode='eval' holds frozen subtrees in inference mode, but the {backend or 'unknown'} "
+                        f"backend can hold {can}; accepted with this backend: frozen_mode=None")
 
 
 def _check_whole_layers(tree: Tree, after: list[bool], backend: str) -> None:

@@ -1,9 +1,11 @@
 """One suite for every installed backend: the same spec has the same meaning.
 
-Each backend builds the same model (same layer names and shapes) and trains it for real;
-the parameter short names differ (``weight``/``kernel``/``scale``/``gamma``), so meanings are
-compared per layer. The backends: PyTorch, Keras, Flax NNX (``ll.plan`` / ``ll.apply``) and
-Equinox (a pytree: ``layerlock.jax.plan`` and ``layerlock.jax.optimizer``, no inference-mode hold).
+The cases live in :mod:`layerlock.testing`, the kit plugins run too: each backend builds the
+reference model (``layerlock.testing.LAYOUT``: same layer names and shapes) and trains it
+for real, and every plan is compared, layer by layer, with the plan of the same spec on the
+layout (the parameter short names differ: ``weight``/``kernel``/``scale``/``gamma``). The
+backends: PyTorch, Keras, Flax NNX (``ll.plan`` / ``ll.apply``) and Equinox (a pytree:
+``layerlock.jax.plan`` and ``layerlock.jax.optimizer``, no inference-mode hold).
 """
 
 from __future__ import annotations
@@ -14,49 +16,17 @@ import importlib.util
 import pytest
 
 import layerlock as ll
-
-SPECS = {
-    "prefix": ll.freeze("stem"),
-    "nested": ll.freeze("body.fc1"),
-    "later-wins": ll.freeze("stem", "body").unfreeze("body.fc2"),
-    "depth": ll.freeze(depth=2),
-    "negative-depth": ll.freeze(depth=-1),
-    "within": ll.freeze(depth=1, within="body"),
-    "kind": ll.freeze(kind=["Conv*", "BatchNorm*"]),
-    # BatchNorm's shift is `bias` in torch, NNX and Equinox and `beta` in Keras: one regex serves all.
-    "bitfit": ll.freeze().unfreeze("re:.*\\.(bias|beta)"),
-    # BatchNorm's scale is `weight` (torch, Equinox), `gamma` (Keras), `scale` (NNX).
-    "bn-scale": ll.freeze("re:.*\\.bn\\.(weight|gamma|scale)"),
-    # Every tensor but the shifts: `weight`/`kernel` for Linear and Conv, plus BatchNorm's scale.
-    "no-bias": ll.freeze("re:.*\\.(weight|kernel|gamma|scale)"),
-    "regex": ll.freeze("re:(stem|body)\\..*"),
-    "everything": ll.freeze(),
-}
+from layerlock.testing import BackendConformance, frozen_layers
+from layerlock.tree import Tree
 
 
-class Models:
-    """One backend's build of the model; ``plan`` / ``apply`` go through ``ll`` unless the
-    backend is a pytree (Equinox), which has no trainable flag to set."""
-
-    name = ""
-    holds = True  # the backend holds frozen norm layers in inference mode (Plan.held)
-
-    def plan(self, spec):
-        return ll.plan(self.model, spec)
-
-    def apply(self, spec):
-        return ll.apply(self.model, spec)
-
-
-class TorchModels(Models):
-    name = "torch"
-
-    def __init__(self):
+class TestTorch(BackendConformance):
+    def make(self):
+        pytest.importorskip("torch")
         import torch
         from torch import nn
         from collections import OrderedDict
 
-        self.torch, self.nn = torch, nn
         torch.manual_seed(0)
 
         class Net(nn.Module):
@@ -71,20 +41,23 @@ class TorchModels(Models):
             def forward(self, x):
                 return self.head(self.body(self.stem(x)))
 
-        self.model = Net()
+        return Net()
 
     def train(self, steps=3):
-        torch, model = self.torch, self.model
+        import torch
+
+        model = self.model
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
         g = torch.Generator().manual_seed(0)
         model.train()
         for _ in range(steps):
             x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
             opt.zero_grad()
-            self.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
     def layer_values(self):
+        """Parameters and buffers (running statistics: a held BatchNorm keeps them fixed)."""
         out = {}
         for name, t in self.model.state_dict().items():
             layer = name.rpartition(".")[0]
@@ -92,13 +65,12 @@ class TorchModels(Models):
         return out
 
 
-class KerasModels(Models):
-    name = "keras"
-
-    def __init__(self):
+class TestKeras(BackendConformance):
+    def make(self):
+        if not (_found("keras") and importlib.util.find_spec("layerlock.backends.keras")):
+            pytest.skip("needs keras")
         import keras
 
-        self.keras = keras
         keras.utils.set_random_seed(0)
         stem = keras.Sequential([keras.layers.Conv2D(4, 3, name="conv"), keras.layers.BatchNormalization(name="bn"),
                                  keras.layers.ReLU(name="relu"), keras.layers.GlobalAveragePooling2D(name="pool")],
@@ -106,9 +78,10 @@ class KerasModels(Models):
         body = keras.Sequential([keras.layers.Dense(8, name="fc1"), keras.layers.Dense(8, name="fc2")], name="body")
         # Sequential: its `layers` has no InputLayer, so depth counts the same blocks as torch
         # (a Functional model's `layers` starts with its InputLayer, and depth=N means layers[:N]).
-        self.model = keras.Sequential([keras.Input((6, 6, 3)), stem, body, keras.layers.Dense(3, name="head")])
-        self.model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=0.01),
-                           loss="sparse_categorical_crossentropy")
+        model = keras.Sequential([keras.Input((6, 6, 3)), stem, body, keras.layers.Dense(3, name="head")])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=0.01),
+                      loss="sparse_categorical_crossentropy")
+        return model
 
     def train(self, steps=3):
         import numpy as np
@@ -119,12 +92,12 @@ class KerasModels(Models):
         self.model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
 
     def layer_values(self):
+        """Every weight of each leaf layer, moving statistics included."""
         out = {}
-        tree = ll.backends.get_backend(self.model).tree(self.model)
-        for node in tree.walk():
-            layer = self._layer(node.path)
+        for path in Tree.of(ll.backends.get_backend(self.model).tree(self.model)).layer_paths:
+            layer = self._layer(path)
             if layer is not None and layer.weights and not layer._layers:
-                out[node.path] = [v.numpy().tobytes() for v in layer.weights]
+                out[path] = [v.numpy().tobytes() for v in layer.weights]
         return out
 
     def _layer(self, path):
@@ -134,17 +107,15 @@ class KerasModels(Models):
         return layer
 
 
-class NnxModels(Models):
+class TestNnx(BackendConformance):
     """Flax NNX: the same blocks as attributes of small modules (an ``nnx.Sequential`` would
     put every block under ``layers.<i>``); relu and pooling are plain functions in ``__call__``."""
 
-    name = "flax"
-
-    def __init__(self):
+    def make(self):
+        if not _found("jax", "flax", "optax"):
+            pytest.skip("needs jax, flax and optax")
         import jax.numpy as jnp
         from flax import nnx
-
-        self.nnx = nnx
 
         class Stem(nnx.Module):
             def __init__(self, rngs):
@@ -171,14 +142,15 @@ class NnxModels(Models):
             def __call__(self, x):
                 return self.head(self.body(self.stem(x)))
 
-        self.model = Net(nnx.Rngs(0))
+        return Net(nnx.Rngs(0))
 
     def train(self, steps=3):
         import numpy as np
         import optax
+        from flax import nnx
         import layerlock.flax as llf
 
-        nnx, model = self.nnx, self.model
+        model = self.model
         opt = nnx.Optimizer(model, optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9)),
                             wrt=llf.trainable)
 
@@ -193,35 +165,37 @@ class NnxModels(Models):
 
     def layer_values(self):
         import numpy as np
+        from flax import nnx
 
         out = {}
-        for path in ll.backends.get_backend(self.model).tree(self.model).layer_paths:
+        for path in Tree.of(ll.backends.get_backend(self.model).tree(self.model)).layer_paths:
             node = self.model
             for name in path.split(".") if path else []:
                 node = getattr(node, name)
             # parameters and batch statistics, like torch's state_dict: a held BatchNorm keeps both
             # (by name: an nnx update may reorder a module's __dict__)
             values = sorted((k, np.asarray(v.get_value()).tobytes()) for k, v in vars(node).items()
-                            if isinstance(v, self.nnx.Variable))
+                            if isinstance(v, nnx.Variable))
             if values:
                 out[path] = values
         return out
 
 
-class EquinoxModels(Models):
+class TestEquinox(BackendConformance):
     """Equinox: a pytree, so ``layerlock.jax.plan`` and ``layerlock.jax.optimizer``; built
     with ``eqx.nn.make_with_state`` so BatchNorm's state lives in ``eqx.nn.State``, not in
-    the model's leaves. A pytree holds no inference mode: nothing is ever held."""
+    the model's leaves. A pytree holds no inference mode: nothing is ever held, and it has
+    no flags to snapshot or fingerprint."""
 
-    name = "equinox"
-    holds = False
+    holds = "none"
+    stateful = False
 
-    def __init__(self):
+    def make(self):
+        if not _found("jax", "equinox", "optax"):
+            pytest.skip("needs jax, equinox and optax")
         import equinox as eqx
         import jax
         import jax.numpy as jnp
-
-        self.eqx, self.jax = eqx, jax
 
         class Stem(eqx.Module):
             conv: eqx.nn.Conv2d
@@ -259,24 +233,27 @@ class EquinoxModels(Models):
                 x, state = self.stem(x, state)
                 return self.head(self.body(x)), state
 
-        self.model, self.state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+        model, self.state = eqx.nn.make_with_state(Net)(jax.random.key(0))
         self.spec = ll.unfreeze()
+        return model
 
-    def plan(self, spec):
+    def plan(self, spec, **options):
         import layerlock.jax as llj
 
-        return llj.plan(self.model, spec)
+        return llj.plan(self.model, spec, **options)
 
-    def apply(self, spec):
+    def apply(self, spec, **options):
+        result = self.plan(spec, **options)
         self.spec = spec
-        return self.plan(spec)
+        return result
 
     def train(self, steps=3):
+        import equinox as eqx
+        import jax
         import numpy as np
         import optax
         import layerlock.jax as llj
 
-        eqx, jax = self.eqx, self.jax
         tx = llj.optimizer(optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9)),
                            self.model, self.spec)
         opt_state = tx.init(eqx.filter(self.model, eqx.is_array))
@@ -293,10 +270,12 @@ class EquinoxModels(Models):
             self.model = eqx.apply_updates(self.model, updates)
 
     def layer_values(self):
+        import equinox as eqx
+        import jax
         import numpy as np
 
         out = {}
-        leaves = self.jax.tree_util.tree_flatten_with_path(self.eqx.filter(self.model, self.eqx.is_array))[0]
+        leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(self.model, eqx.is_array))[0]
         for keys, leaf in leaves:
             path = ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keys)
             out.setdefault(path.rpartition(".")[0], []).append(np.asarray(leaf).tobytes())
@@ -306,80 +285,6 @@ class EquinoxModels(Models):
 @functools.lru_cache(maxsize=None)
 def _found(*names):
     return all(importlib.util.find_spec(n) for n in names)
-
-
-def _available():
-    out = []
-    if _found("torch"):
-        out.append(TorchModels)
-    if _found("keras") and importlib.util.find_spec("layerlock.backends.keras"):
-        out.append(KerasModels)
-    if _found("jax", "flax", "optax"):
-        out.append(NnxModels)
-    if _found("jax", "equinox", "optax"):
-        out.append(EquinoxModels)
-    return out
-
-
-def _id(param):
-    return param.name
-
-
-@pytest.fixture(params=_available(), ids=_id)
-def models(request):
-    return request.param
-
-
-def frozen_layers(plan):
-    return sorted({p.rpartition(".")[0] for p in plan.frozen})
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(spec_name):
-    pytest.importorskip("torch")
-    return TorchModels().plan(SPECS[spec_name])
-
-
-@pytest.mark.parametrize("spec_name", SPECS.keys())
-def test_same_spec_same_frozen_layers_and_scalars_in_every_backend(models, spec_name):
-    plan, reference = models().plan(SPECS[spec_name]), _reference(spec_name)
-    assert frozen_layers(plan) == frozen_layers(reference)
-    assert plan.frozen_scalars == reference.frozen_scalars
-    assert plan.trainable_scalars == reference.trainable_scalars
-    assert sorted(plan.held) == (sorted(reference.held) if models.holds else [])
-
-
-@pytest.mark.parametrize("spec", [SPECS["later-wins"], SPECS["depth"], SPECS["bitfit"]],
-                         ids=["later-wins", "depth", "bitfit"])
-def test_training_moves_exactly_the_trainable_layers(models, spec):
-    m = models()
-    plan = m.apply(spec)
-    before = m.layer_values()
-    m.train()
-    after = m.layer_values()
-    moved = sorted(layer for layer in before if before[layer] != after[layer])
-    expected = sorted({p.rpartition(".")[0] for p in plan.trainable})
-    assert moved == expected
-    if models.holds:
-        assert ll.fingerprint(m.model) == ll.fingerprint(m.model)  # stable
-
-
-def test_typo_in_a_pattern_is_the_same_error_everywhere(models):
-    m = models()
-    with pytest.raises(ll.NoMatchError) as info:
-        m.apply(ll.freeze("body.fc3"))
-    assert "body.fc1" in info.value.suggestions or "body.fc2" in info.value.suggestions
-
-
-def test_snapshot_restore_is_exact_everywhere(models):
-    if not models.holds:
-        pytest.skip("a pytree holds no trainable flag: there is no state to snapshot")
-    m = models()
-    state = ll.snapshot(m.model)
-    ll.apply(m.model, ll.freeze("stem").unfreeze("*.bias"))
-    assert ll.snapshot(m.model) != state
-    ll.restore(m.model, state)
-    assert ll.snapshot(m.model) == state
 
 
 def _sequentials():
