@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--device cpu|cuda|auto] [--only torch,keras-tf,jax,...]``
+"""``python -m benchmarks [--quick] [--device cpu|cuda|auto] [--only torch,keras-jax,equinox,...]``
 
 Each framework runs in its own subprocess (``benchmarks.worker``); this process only
 orchestrates, shows progress, writes the JSON and regenerates the docs.
@@ -23,7 +23,7 @@ from .worker import KERAS_SUITES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-STEP_SUITES = ("torch", "keras-tf", "keras-torch", "jax")
+STEP_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax", "equinox")
 SECTIONS = (*STEP_SUITES, "apply", "trainer", "import")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
@@ -39,7 +39,7 @@ def worker_env(suite: str, device: str) -> dict[str, str]:
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if suite in KERAS_SUITES:
         e["KERAS_BACKEND"] = KERAS_SUITES[suite]
-    if suite == "jax" and device == "cpu":
+    if suite in ("keras-jax", "jax", "equinox") and device == "cpu":
         e["JAX_PLATFORMS"] = "cpu"
     if device == "cpu":
         e["CUDA_VISIBLE_DEVICES"] = ""  # Keras on torch would otherwise take a GPU by itself
@@ -76,7 +76,8 @@ def framework_missing(suite: str) -> str | None:
     import importlib.util
 
     needs = {"torch": ["torch"], "keras-tf": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"],
-             "jax": ["jax", "flax", "optax"], "trainer": ["torch", "transformers", "accelerate"]}
+             "keras-jax": ["keras", "jax"], "jax": ["jax", "flax", "optax"],
+             "equinox": ["jax", "equinox", "optax"], "trainer": ["torch", "transformers", "accelerate"]}
     missing = [m for m in needs[suite] if importlib.util.find_spec(m) is None]
     return f"{', '.join(missing)} not installed" if missing else None
 

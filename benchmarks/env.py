@@ -33,6 +33,7 @@ def versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), "torch": _version("torch"), "tensorflow": tf,
             "keras": _version("keras"), "transformers": _version("transformers"),
             "jax": _version("jax"), "flax": _version("flax"), "optax": _version("optax"),
+            "equinox": _version("equinox"),
             "layerlock": _version("layerlock")}
 
 

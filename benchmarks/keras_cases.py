@@ -6,8 +6,16 @@ in the same modes, hand-frozen, with ``keras.ops.stop_gradient`` between backbon
 so no gradient can flow into the backbone. A sixth, Keras-only mode ``features`` is what a
 user caching backbone features would run, without the cache: the backbone alone in
 inference mode (``predict_on_batch``, so no dropout) and a head-only model trained on its
-output, two dispatches per step. All models compile with ``jit_compile=False`` so that
-every mode (and both backends) run the same graph without XLA.
+output, two dispatches per step. On TensorFlow and torch every model compiles with
+``jit_compile=False``, so that every mode (and both backends) run the same graph without
+XLA. On JAX, ``jit_compile=False`` would run every op eagerly, which no Keras-on-JAX user
+does: there every model compiles with ``jit_compile=True`` (the JAX backend's default), so
+each mode is one XLA-compiled ``train_on_batch``, retraced after every recompile.
+
+Every step carries the bytes of its optimizer's variables (SGD momentum: one buffer per
+trainable variable, plus the iteration counter) and of the trainable
+variables before and after freezing, read after it has trained (Keras builds the optimizer
+on the first step).
 """
 
 from __future__ import annotations
@@ -103,10 +111,15 @@ CASES = {c.name: c for c in [
 ]}
 
 
+def jit_compile() -> bool:
+    """XLA on JAX only (its eager mode runs op by op); see the module docstring."""
+    return keras.backend.backend() == "jax"
+
+
 def compile_(model: keras.Model) -> keras.Model:
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=False)
+                  jit_compile=jit_compile())
     return model
 
 
@@ -117,6 +130,7 @@ def make_step(case: Case, mode: str, quick: bool, device: str) -> tuple[Step, ke
     model = case.build(s)
     x, y = case.batch(s)
     spec = ll.freeze(BACKBONE)
+    all_bytes = variable_bytes(model.trainable_weights)
     if mode in ("hand", "limit", "features"):
         model.get_layer(BACKBONE).trainable = False  # by hand: flag, then (re)compile
     compile_(model)
@@ -127,8 +141,15 @@ def make_step(case: Case, mode: str, quick: bool, device: str) -> tuple[Step, ke
     if mode == "limit":
         model = compile_(_cut(model))
     if mode == "features":
-        return _features_step(model, x, y), model
-    return (lambda: model.train_on_batch(x, y)), model
+        step, trained = _features_step(model, x, y)
+    else:
+        trained = model
+
+        def step() -> Any:
+            return model.train_on_batch(x, y)
+    step.trained = trained  # type: ignore[attr-defined]  # the model whose optimizer steps
+    step.all_bytes = all_bytes  # type: ignore[attr-defined]
+    return step, model
 
 
 class StopGradient(keras.layers.Layer):
@@ -143,13 +164,28 @@ def _cut(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("head")(features), name="cut")
 
 
-def _features_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> Step:
+def _features_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> tuple[Step, keras.Model]:
     """Backbone alone in inference mode, then a head-only model trained on its output."""
     backbone = model.get_layer(BACKBONE)
-    backbone.compile(jit_compile=False)
+    backbone.compile(jit_compile=jit_compile())
     features = backbone.predict_on_batch(x)
     head = compile_(keras.Sequential([keras.Input(features.shape[1:]), model.get_layer("head")]))
-    return lambda: head.train_on_batch(backbone.predict_on_batch(x), y)
+
+    def step() -> Any:
+        return head.train_on_batch(backbone.predict_on_batch(x), y)
+    return step, head
+
+
+def variable_bytes(variables: list[Any]) -> int:
+    return int(sum(np.prod(v.shape, dtype=np.int64) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def mode_info(step: Step, model: keras.Model) -> dict[str, Any]:
+    """Optimizer-state and parameter bytes of a mode, once it has trained."""
+    trained = step.trained  # type: ignore[attr-defined]
+    return {"opt_state_bytes": variable_bytes(trained.optimizer.variables),
+            "param_bytes": {"all": step.all_bytes,  # type: ignore[attr-defined]
+                            "trainable": variable_bytes(trained.trainable_weights)}}
 
 
 def describe(model: keras.Model) -> dict[str, Any]:

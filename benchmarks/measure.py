@@ -18,7 +18,7 @@ from typing import Any
 Step = Callable[[], Any]
 
 # One training mode per key; torch and Keras build these five (Keras adds `features`,
-# JAX has its own four: full, layerlock, mask, limit).
+# Flax NNX has its own four: full, layerlock, mask, limit; Equinox adds hand and hand_mask).
 MODES = ("full", "layerlock", "hand", "limit", "layerlock_eval")
 
 # The sizes of the models every framework builds alike, so their ratios compare.
@@ -100,6 +100,7 @@ RATIOS = {  # name -> (numerator mode, denominator mode)
     "eval/frozen": ("layerlock_eval", "layerlock"),
     "frozen/features": ("layerlock", "features"),   # Keras only
     "mask/layerlock": ("mask", "layerlock"),        # JAX only: optax mask vs the filtered gradient
+    "mask/hand mask": ("mask", "hand_mask"),        # Equinox: layerlock.jax.optimizer vs a hand label tree
 }
 
 

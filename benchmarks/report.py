@@ -12,13 +12,17 @@ from typing import Any
 from .overhead import growth
 
 SUITE_TITLES = {"torch": "PyTorch", "keras-tf": "Keras 3 on TensorFlow", "keras-torch": "Keras 3 on torch",
-                "jax": "JAX (Flax NNX)"}
-HAND_SUITES = ("torch", "keras-tf", "keras-torch")   # the suites with a hand-freeze mode
+                "keras-jax": "Keras 3 on JAX", "jax": "JAX (Flax NNX)", "equinox": "JAX (Equinox, optax)"}
+SHORT_TITLES = {**SUITE_TITLES, "jax": "JAX", "equinox": "Equinox"}   # for the targets table
+HAND_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "equinox")  # with a hand-freeze mode
+JAX_SUITES = ("jax", "equinox")    # layerlock's step is a JAX filter / partition
+OPT_SUITES = ("keras-jax", "jax", "equinox")   # optimizer-state target, shown even when not run
 MODE_TITLES = {"full": "full training", "layerlock": "layerlock freeze", "hand": "hand freeze",
                "limit": "limit", "layerlock_eval": "layerlock frozen_mode='eval'",
-               "features": "features (Keras)", "mask": "optax mask only (JAX)"}
+               "features": "features (Keras)", "mask": "optax mask only (JAX)",
+               "hand_mask": "hand-written optax mask (Equinox)"}
 RATIO_ORDER = ["layerlock/hand", "frozen/full", "frozen/limit", "eval/frozen", "frozen/features",
-               "mask/layerlock", "opt-state layerlock/full", "trainable/all params"]
+               "mask/layerlock", "mask/hand mask", "opt-state layerlock/full", "trainable/all params"]
 BYTE_RATIOS = ("opt-state layerlock/full", "trainable/all params")
 OPT_SLACK = 0.01   # optimizer-state share allowed over the trainable share (step counters)
 LINEAR = 1.2       # µs per tensor at 100k over 1k that still counts as linear
@@ -122,13 +126,14 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                          c for c, e in results["steps"].get(suite, {}).get("cases", {}).items()
                          if not 0.97 <= e["ratios"]["layerlock/hand"] <= 1.03))])
     for suite in SUITE_TITLES:
-        bound = 1.02 if suite in ("torch", "jax") else 1.05
+        bound = 1.02 if suite in ("torch", *JAX_SUITES) else 1.05
         v = _ratios(results, suite, "frozen/limit")
         ok = None if not v else max(v) <= bound
-        name = "layerlock ÷ limit" if suite == "jax" else "frozen ÷ limit"
-        rows.append([f"{name} ≤ {bound} ({'JAX' if suite == 'jax' else SUITE_TITLES[suite]})", _span(v),
+        name = "layerlock ÷ limit" if suite in JAX_SUITES else "frozen ÷ limit"
+        rows.append([f"{name} ≤ {bound} ({SHORT_TITLES[suite]})", _span(v),
                      _verdict(ok, f"worst {max(v or [0]):.2f}")])
-    rows.append(opt_state_target(results))
+    rows += [opt_state_target(results, suite) for suite in SUITE_TITLES
+             if suite in OPT_SUITES or _ratios(results, suite, "opt-state layerlock/full")]
     tapply = results["apply"].get("torch", {})
     models = tapply.get("models", {})
     for call, bound in (("apply", 2.0), ("plan", 1.5)):
@@ -153,26 +158,28 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def opt_state_target(results: dict[str, Any]) -> list[str]:
-    """JAX: the layerlock step's optimizer state is the full one's times the trainable share
-    of the parameter bytes (adamw keeps two moments per trainable leaf, none per frozen one)."""
-    cases = results["steps"].get("jax", {}).get("cases", {})
+def opt_state_target(results: dict[str, Any], suite: str = "jax") -> list[str]:
+    """The layerlock step's optimizer state is the full one's times the trainable share of
+    the parameter bytes (adamw keeps two moments per trainable leaf, Keras SGD one momentum,
+    none per frozen one)."""
+    cases = results["steps"].get(suite, {}).get("cases", {})
     got = {c: (e["ratios"]["opt-state layerlock/full"], e["ratios"]["trainable/all params"])
            for c, e in cases.items() if "opt-state layerlock/full" in e["ratios"]}
     over = [c for c, (o, t) in got.items() if o > t * (1 + OPT_SLACK)]
     return [f"optimizer-state bytes, layerlock ÷ full ≤ trainable ÷ all parameter bytes "
-            f"(+{OPT_SLACK:.0%}, JAX)",
+            f"(+{OPT_SLACK:.0%}, {SHORT_TITLES[suite]})",
             "; ".join(f"{c} {_share(o)} (trainable share {_share(t)})" for c, (o, t) in got.items()) or "not run",
             _verdict(None if not got else not over, "state for frozen leaves in " + ", ".join(over))]
 
 
-def frozen_vs_torch(results: dict[str, Any]) -> str:
-    """One line under the JAX tables: frozen ÷ full there and in the torch rows."""
+def frozen_vs_torch(results: dict[str, Any], suite: str = "jax") -> str:
+    """One line under a JAX suite's tables: frozen ÷ full there and in the torch rows."""
     torch = results["steps"].get("torch", {}).get("cases", {})
-    jax = results["steps"].get("jax", {}).get("cases", {})
+    jax = results["steps"].get(suite, {}).get("cases", {})
     pairs = [f"{c} {_x(e['ratios'].get('frozen/full'))} (PyTorch {_x(torch[c]['ratios'].get('frozen/full'))})"
              for c, e in jax.items() if c in torch]
-    return ("frozen ÷ full, JAX against the PyTorch rows of the same model: " + ", ".join(pairs) + ".") if pairs else ""
+    return (f"frozen ÷ full, {SHORT_TITLES[suite]} against the PyTorch rows of the same model: "
+            + ", ".join(pairs) + ".") if pairs else ""
 
 
 def memory_ratios(results: dict[str, Any]) -> dict[str, float]:
@@ -201,9 +208,14 @@ def plot_steps(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     suites = [s for s in SUITE_TITLES if "cases" in results["steps"].get(s, {})]
-    fig, axes = plt.subplots(1, max(1, len(suites)), figsize=(5 * max(1, len(suites)), 4), squeeze=False)
-    widest = axes[0][0], 0  # the legend goes where most modes are drawn
-    for ax, suite in zip(axes[0], suites):
+    cols = min(3, max(1, len(suites)))
+    rows = max(1, -(-len(suites) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(suites):]:
+        ax.set_visible(False)
+    widest = flat[0], 0  # the legend goes where most modes are drawn
+    for ax, suite in zip(flat, suites):
         cases = results["steps"][suite]["cases"]
         modes = list(next(iter(cases.values()))["modes"])
         widest = max(widest, (ax, len(modes)), key=lambda w: w[1])
@@ -270,7 +282,7 @@ def section(results: dict[str, Any], img: str) -> list[str]:
             out += [f"Not run: {reason.splitlines()[0] if reason else 'unknown'}", ""]
             continue
         out += [ratio_table(data), "", step_table(suite, data, results["memory"].get(suite, {})), ""]
-        if suite == "jax" and (line := frozen_vs_torch(results)):
+        if suite in JAX_SUITES and (line := frozen_vs_torch(results, suite)):
             out += [line, ""]
     out += [f"![step time per mode]({img}-steps.png)", ""]
     if results["apply"]:
@@ -330,6 +342,11 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
   - *limit*: PyTorch runs the hand-frozen backbone under `torch.no_grad()`. Keras has no
     `no_grad`; its limit is the closest honest equivalent: the same hand-frozen layers in the same
     modes with `keras.ops.stop_gradient` between backbone and head.
+  - Keras on JAX runs the same modes and models; there each model compiles with
+    `jit_compile=True` (the JAX backend's default; its eager mode would run op by op), so a
+    step is one XLA-compiled `train_on_batch`, retraced after every recompile. Keras suites
+    also record the bytes of the optimizer's variables per mode (SGD momentum: one buffer per
+    trainable variable, plus the iteration counter).
   - *frozen_mode='eval'*: `ll.apply(model, spec, frozen_mode="eval")`.
   - *features* (Keras only): what caching backbone features would cost without the cache:
     `backbone.predict_on_batch` (inference mode, no dropout) and a head-only model's
@@ -348,9 +365,30 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
     and a hand-written path filter (`head` parameters only) for the gradient and the optimizer.
   - *optimizer state*: the bytes of `nnx.state(optimizer, nnx.OptState)` per mode; with adamw
     it should be two moments per trainable parameter and nothing for frozen ones.
+- **Step time, JAX (Equinox, optax)**: the same models as Equinox modules
+  (`eqx.nn.make_with_state`, BatchNorm statistics in `eqx.nn.State`), one `jax.jit` step
+  (forward under `jax.vmap`, cross-entropy, `jax.value_and_grad`, `optax.adamw` with weight
+  decay) with the same arguments in six modes. `layerlock.jax` holds nothing in a pytree, so
+  every frozen mode puts the backbone's BatchNorm layers in `inference=True` by hand and all
+  frozen modes run the same forward:
+  - *full training*: every array leaf is differentiated and in the optimizer.
+  - *layerlock freeze*: `layerlock.jax.partition(arrays, ll.freeze("backbone"))`, the fast
+    step of [the JAX guide](jax.md): the gradient of the trainable partition only, and
+    `tx.init(trainable)`.
+  - *hand freeze*: the same step with Equinox's frozen-layer pattern, no layerlock: a
+    hand-written filter spec (`False` everywhere, `eqx.tree_at` puts `True` on the head's
+    arrays) and `eqx.partition`.
+  - *optax mask only*: the gradient spans every leaf and the optimizer is
+    `layerlock.jax.optimizer(adamw, arrays, spec)` (frozen leaves: no update, no state).
+  - *hand-written optax mask*: the same full-gradient step with a hand-written label tree
+    and `optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()}, labels)`.
+  - *limit*: the lowest-cost version: `jax.lax.stop_gradient` on the backbone's output and
+    only the head's arrays differentiated and in the optimizer.
+  - *optimizer state*: the bytes of the optax state per mode.
 - **Peak memory**: on CPU the peak RSS (`ru_maxrss`) of a fresh subprocess per (model, mode)
   that builds the model and trains 3 steps; "RSS growth in steps" is that peak minus the RSS
-  after building, which isolates what training adds. On GPU, `torch.cuda.max_memory_allocated`.
+  after building, which isolates what training adds. On GPU, `torch.cuda.max_memory_allocated`
+  (PyTorch and Keras on torch; JAX keeps its own pool, so its suites have no GPU peak).
 - **Apply overhead**: `ll.plan` and `ll.apply` against a hand-written loop
   (`named_parameters()` + `fnmatchcase` + `requires_grad_(False)`; Keras: the layer walk +
   `fnmatchcase` + `layer.trainable = False`) on synthetic torch models with 1k, 10k and 100k
@@ -370,10 +408,12 @@ Models. PyTorch: a CNN with BatchNorm (4 stages of 2 conv-BN-ReLU), `nn.Transfor
 (post-norm, dropout 0.1) with a linear head on the mean token, Hugging Face
 `BertForSequenceClassification` and `ResNetForImageClassification` from small configs (random
 weights, nothing downloaded). Keras: the same CNN and encoder written in Keras layers, and
-`keras.applications.MobileNetV2(weights=None)`. All Keras models compile with
-`jit_compile=False`, so every mode and both backends run without XLA. JAX: the same CNN
-(NHWC) and a post-norm encoder (`nnx.MultiHeadAttention`, ReLU feed-forward, dropout 0.1)
-written in Flax NNX, each a `backbone` and a linear `head`, compiled by XLA (`nnx.jit`).
+`keras.applications.MobileNetV2(weights=None)`. Keras models compile with
+`jit_compile=False` on TensorFlow and torch, so every mode and both backends run without XLA,
+and with `jit_compile=True` on JAX. JAX: the same CNN (NHWC) and a post-norm encoder
+(`nnx.MultiHeadAttention`, ReLU feed-forward, dropout 0.1) written in Flax NNX, each a
+`backbone` and a linear `head`, compiled by XLA (`nnx.jit`); and the same two in Equinox
+(CHW per example, `eqx.nn.MultiheadAttention` with biases), compiled by `jax.jit`.
 
 ## The `frozen_mode="eval"` trade-off
 

@@ -4,7 +4,8 @@ import), and a probe's peak RSS is then its own.
 
     python -m benchmarks.worker steps SUITE OUT.json [--quick] [--device D] [--threads N]
 
-SUITE is torch, keras-tf, keras-torch or jax (Flax NNX).
+SUITE is torch, keras-tf, keras-torch, keras-jax, jax (Flax NNX) or equinox (Equinox
+modules through ``layerlock.jax``).
     python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
     python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
 """
@@ -21,7 +22,9 @@ from typing import Any
 from . import env
 from .measure import MODES, current_rss_mb, interleave, peak_rss_mb, ratios
 
-KERAS_SUITES = {"keras-tf": "tensorflow", "keras-torch": "torch"}
+KERAS_SUITES = {"keras-tf": "tensorflow", "keras-torch": "torch", "keras-jax": "jax"}
+SUITES = ("torch", *KERAS_SUITES, "jax", "equinox")
+TORCH_ALLOCATOR = ("torch", "keras-torch")   # the suites whose CUDA peak torch can read
 REPS = {True: 5, False: 15}       # repetitions per mode, --quick and full
 PROBE_STEPS = 3
 
@@ -34,6 +37,9 @@ def cases_module(suite: str) -> ModuleType:
     if suite == "jax":
         from . import jax_cases
         return jax_cases
+    if suite == "equinox":
+        from . import equinox_cases
+        return equinox_cases
     expected = KERAS_SUITES[suite]
     if os.environ.get("KERAS_BACKEND") != expected:
         raise SystemExit(f"suite {suite} needs KERAS_BACKEND={expected}; "
@@ -70,9 +76,10 @@ def byte_ratios(info: dict[str, dict[str, Any]]) -> dict[str, float]:
             "trainable/all params": frozen["param_bytes"]["trainable"] / frozen["param_bytes"]["all"]}
 
 
-def cuda_peak(device: str) -> tuple[Any, Any] | None:
-    """(reset, read MB) of torch's CUDA allocator peak, or None off the GPU."""
-    if device != "cuda":
+def cuda_peak(device: str, suite: str) -> tuple[Any, Any] | None:
+    """(reset, read MB) of torch's CUDA allocator peak, or None off the GPU and where
+    torch does not allocate (JAX keeps its own pool)."""
+    if device != "cuda" or suite not in TORCH_ALLOCATOR:
         return None
     import torch
     return (torch.cuda.reset_peak_memory_stats,
@@ -97,10 +104,10 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
             built = {m: mod.make_step(case, m, args.quick, args.device) for m in modes_}
             steps = {m: built[m][0] for m in modes_}
             modes = interleave(steps, reps=reps, warmup=args.warmup, sync=mod.sync(args.device),
-                               on_sample=bar.update, peak=cuda_peak(args.device))
+                               on_sample=bar.update, peak=cuda_peak(args.device, args.suite))
             results[name] = {"size": dict(case.size(args.quick)), **mod.describe(built["full"][1]),
                              "modes": modes, "ratios": ratios(modes)}
-            if hasattr(mod, "mode_info"):  # JAX: optimizer-state and parameter bytes per mode
+            if hasattr(mod, "mode_info"):  # JAX, Keras: optimizer-state and parameter bytes per mode
                 info = {m: mod.mode_info(*built[m]) for m in modes_}
                 for m in modes_:
                     modes[m].update(info[m])
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
     p.add_argument("task", choices=("steps", "probe", "apply", "trainer"))
-    p.add_argument("suite", choices=("torch", *KERAS_SUITES, "jax"))
+    p.add_argument("suite", choices=SUITES)
     p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")

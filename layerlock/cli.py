@@ -2,7 +2,7 @@
 
     layerlock plan MODEL --spec SPEC [--config JSON] [--bn POLICY] [--frozen-mode eval] [--no-strict] [--json] [--trust]
     layerlock summary MODEL [--config JSON] [--json] [--trust]
-    layerlock demo [--backend torch|keras|both] [--quick] [--out DIR]
+    layerlock demo [--backend torch|keras|flax|all] [--quick] [--out DIR]
     layerlock --version
 
 Errors print one line to stderr and exit with status 2. Importing this module imports no
@@ -352,10 +352,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    frameworks = {"both": list(demo.FRAMEWORKS), None: demo.installed()}.get(args.backend, [args.backend])
+    every = list(demo.FRAMEWORKS)  # "both" is what "all" was called when there were two
+    frameworks = {"all": every, "both": every, None: demo.installed()}.get(args.backend, [args.backend])
     if not frameworks:
-        raise CliError("the demo needs torch or keras, and neither is installed "
-                       "(pip install 'layerlock[torch]' or 'layerlock[tensorflow]')")
+        raise CliError("the demo needs torch, keras or flax, and none is installed "
+                       "(pip install 'layerlock[torch]', 'layerlock[tensorflow]' or 'layerlock[jax]')")
     result = demo.run(frameworks, quick=args.quick, out=args.out, progress=sys.stderr.isatty())
     print()
     print(result["table"])
@@ -373,7 +374,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser (also what ``--help`` shows)."""
-    top = _Parser(prog="layerlock", description="Freeze and unfreeze layers in PyTorch and Keras: "
+    top = _Parser(prog="layerlock", description="Freeze and unfreeze layers in PyTorch, Keras and JAX: "
                   "inspect what a spec does to a model, or run the transfer-learning demo.")
     top.add_argument("--version", action="version", version=f"layerlock {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="{plan,summary,demo}",
@@ -407,8 +408,9 @@ def parser() -> argparse.ArgumentParser:
                        description="Pretrain a small CNN on generated source classes, freeze its base, "
                        "train a new head on other classes, then fine-tune the top block; compare with "
                        "training from scratch. Writes summary.json, summary.txt and curves.png.")
-    d.add_argument("--backend", choices=("torch", "keras", "both"), default=None,
-                   help="framework(s) to run (default: every installed one)")
+    d.add_argument("--backend", choices=(*demo.FRAMEWORKS, "all", "both"), default=None, metavar="{"
+                   + ",".join((*demo.FRAMEWORKS, "all")) + "}",
+                   help="framework to run, or all (default: every installed one)")
     d.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
     d.add_argument("--out", default="layerlock-demo", metavar="DIR",
                    help="where to write the results (default: ./layerlock-demo)")

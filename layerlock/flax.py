@@ -99,10 +99,12 @@ def sync_optimizer(optimizer: nnx.Optimizer, model: nnx.Module) -> list[str]:
 class FreezeScheduler(LoopScheduler):
     """Apply a :class:`~layerlock.Schedule` in an NNX training loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, syncs the optimizer (so
-    the next ``nnx.jit`` step trains the new set) and logs one line. A phase's ``lr`` is not
-    applied: optax rates live in the transformation (use ``optax.inject_hyperparams``).
-    To resume, call ``load_state_dict`` before restoring the optimizer state
-    (``nnx.update(optimizer, saved)``): it replays the phases, so the state has the saved layout.
+    the next ``nnx.jit`` step trains the new set) and logs one line. A schedule whose phases
+    set ``lr`` is refused with :class:`~layerlock.SpecError` when the scheduler is built: an
+    ``nnx.Optimizer``'s rates live inside its optax transformation, which this scheduler
+    does not change (the message says what works). To resume, call ``load_state_dict``
+    before restoring the optimizer state (``nnx.update(optimizer, saved)``): it replays the
+    phases, so the state has the saved layout.
 
     >>> import optax, layerlock as ll
     >>> from flax import nnx
@@ -116,6 +118,7 @@ class FreezeScheduler(LoopScheduler):
     def __init__(self, schedule: Schedule, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
                  strict: bool = True, bn: BnPolicy = "follow", frozen_mode: str | None = None,
                  log: Callable[[str], None] | None = print) -> None:
+        _refuse_phase_lr(schedule)
         super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
         self.optimizer = optimizer
 
@@ -124,3 +127,17 @@ class FreezeScheduler(LoopScheduler):
             return ""
         added = sync_optimizer(self.optimizer, self.model)
         return f"optimizer +{len(added)} tensors" if added else ""
+
+
+def _refuse_phase_lr(schedule: Any) -> None:
+    """A phase's ``lr`` would be ignored here; say so before training rather than train at
+    the wrong rate without a sound."""
+    with_lr = [p for p in getattr(schedule, "phases", ()) if p.lr is not None]
+    if with_lr:
+        given = ", ".join(f"epoch {p.epoch}: lr={p.lr:g}" for p in with_lr)
+        raise SpecError(
+            f"layerlock.flax.FreezeScheduler: this schedule sets a phase lr ({given}), which is not supported by "
+            "this optimizer: an nnx.Optimizer's learning rate lives inside its optax transformation, which the "
+            "scheduler does not change. Drop lr from the schedule and either build the transformation with "
+            "optax.inject_hyperparams and set optimizer.opt_state.hyperparams['learning_rate'] at the phase change, "
+            "or give each phase's parameters their own optimizer (optax.multi_transform with one label per phase).")

@@ -3,22 +3,32 @@ of arrays. ``import layerlock.jax`` imports jax and optax. A pytree holds no tra
 flag, so these functions take the spec and return values: a bool mask, a partition, or an
 optax transformation that leaves frozen leaves exactly where they are.
 
+Masks say their polarity in their name, because optax uses both: :func:`trainable_mask`
+is True where a leaf trains (``eqx.partition``'s filter, ``optax.masked``'s mask) and
+:func:`frozen_mask` is True where it is frozen (``optax.freeze(mask)``,
+``optax.transforms.selective_transform(freeze_mask=...)``). They are plain pytrees of
+Python bools, the type those functions take, so a mask cannot carry its polarity itself:
+pick it by name, and give layerlock the spec, never a mask (a mask passed where a spec
+goes is refused, naming both).
+
 Paths are the dict keys, attribute names (Equinox fields) and list indices from the root,
 joined with ``.`` (``params.Dense_0.kernel``, ``layers.1.weight``). Every container is a
 layer, so ``depth`` counts the root's entries. A layer's kind is an Equinox module's class
 name; for a dict entry named the way Flax linen names submodules (``Dense_0``), the name
 without its ``_<n>`` suffix (``Dense``); otherwise the container type (``dict``, ``list``).
 Every array leaf starts trainable; leaves that are not arrays (an Equinox module's
-activation function) are never trainable.
+activation function) are never trainable. Layers of kind ``BatchNorm`` (Equinox's
+``eqx.nn.BatchNorm``, linen's ``BatchNorm_<n>``) are the norm layers that ``bn=`` governs.
 
 >>> import jax.numpy as jnp, layerlock as ll, layerlock.jax as llj
 >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}, "Dense_1": {"kernel": jnp.ones((2, 1))}}
->>> llj.mask(params, ll.freeze(kind="Dense").unfreeze("Dense_1"))
+>>> llj.trainable_mask(params, ll.freeze(kind="Dense").unfreeze("Dense_1"))
 {'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'kernel': True}}
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -27,44 +37,106 @@ import numpy as np
 import optax
 
 from .backends import pytree
+from .diagnostics.pytree import check_state as check
 from .errors import SpecError
-from .resolver import resolve
+from .resolver import BnPolicy, check_options, resolve
 from .results import Plan
 from .spec import Spec
 
-__all__ = ["mask", "partition", "combine", "optimizer", "carry_state", "plan"]
+__all__ = ["trainable_mask", "frozen_mask", "partition", "combine", "optimizer", "carry_state", "plan", "check"]
+
+# The norm layers of a pytree, by kind: what the ``bn`` policy governs (layers with running
+# statistics; Equinox keeps those in eqx.nn.State, linen in the batch_stats collection).
+NORM_KINDS = frozenset({"BatchNorm"})
 
 
-def plan(tree: Any, spec: Spec, *, strict: bool = True) -> Plan:
+def plan(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
+         frozen_mode: str | None = None) -> Plan:
     """The :class:`~layerlock.Plan` of ``spec`` on a pytree (every array starts trainable).
+
+    ``bn`` means what it means in :func:`layerlock.plan`: ``"frozen"`` freezes every norm
+    layer's own leaves (kind ``BatchNorm``), ``"trainable"`` keeps them training whatever the
+    rules say. A pytree has no inference mode to hold, so ``plan.held`` is always empty and
+    ``frozen_mode="eval"`` raises :class:`~layerlock.SpecError`.
 
     >>> import jax.numpy as jnp, layerlock as ll
     >>> plan({"a": jnp.ones(3), "b": jnp.ones(2)}, ll.freeze("a")).frozen
     ('a',)
+    >>> linen = {"Dense_0": {"kernel": jnp.ones((2, 2))}, "BatchNorm_0": {"scale": jnp.ones(2)}}
+    >>> plan(linen, ll.unfreeze(), bn="frozen").frozen
+    ('BatchNorm_0.scale',)
     """
-    if not isinstance(spec, Spec):
-        raise SpecError(f"expected a layerlock Spec such as ll.freeze('encoder'); received {type(spec).__name__}")
-    return resolve(pytree.tree(tree), spec, strict=strict, backend="jax")
+    _refuse_mask(spec)
+    check_options(spec, bn, frozen_mode)
+    if frozen_mode == "eval":
+        raise SpecError("frozen_mode='eval' holds frozen subtrees in inference mode, but a pytree has no "
+                        "inference-mode flag for layerlock to set: run the frozen part in inference mode "
+                        "yourself (inference=True when calling an Equinox model, use_running_average=True / "
+                        "deterministic=True in linen's apply). Accepted here: frozen_mode=None")
+    t = pytree.tree(tree)
+    t.norm = [norm or kind in NORM_KINDS for norm, kind in zip(t.norm, t.kinds)]
+    return resolve(t, spec, strict=strict, bn=bn, backend="jax", holds="none")
 
 
-def _decisions(tree: Any, spec: Spec, strict: bool) -> dict[str, bool]:
-    result = plan(tree, spec, strict=strict)
+def _refuse_mask(spec: Any) -> None:
+    """A bool pytree where a spec goes is a mask: say which way layerlock's masks point."""
+    if isinstance(spec, Spec):
+        return
+    leaves = jax.tree.leaves(spec)
+    if leaves and all(isinstance(x, (bool, np.bool_)) or (pytree.is_array(x) and x.dtype == bool) for x in leaves):
+        raise SpecError("received a bool mask where a layerlock Spec goes; layerlock.jax functions take the spec "
+                        "(such as ll.freeze('encoder')) and make the masks: trainable_mask (True = trainable, for "
+                        "eqx.partition / optax.masked) and frozen_mask (True = frozen, for optax.freeze / "
+                        "selective_transform(freeze_mask=...))")
+    raise SpecError(f"expected a layerlock Spec such as ll.freeze('encoder'); received {type(spec).__name__}")
+
+
+def _decisions(tree: Any, spec: Spec, strict: bool, bn: BnPolicy = "follow") -> dict[str, bool]:
+    result = plan(tree, spec, strict=strict, bn=bn)
     return dict(zip(result.paths, result.trainable_after))
 
 
-def mask(tree: Any, spec: Spec, *, strict: bool = True) -> Any:
-    """A pytree of bools shaped like ``tree``: True where the leaf stays trainable (the
-    ``filter_spec`` of ``eqx.partition``, the ``mask`` of ``optax.masked``).
+def trainable_mask(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow") -> Any:
+    """A pytree of bools shaped like ``tree``: **True where the leaf trains** (the
+    ``filter_spec`` of ``eqx.partition``, the ``mask`` of ``optax.masked``). For optax's
+    ``freeze`` / ``selective_transform``, which take True = frozen, use :func:`frozen_mask`.
 
     >>> import jax.numpy as jnp, layerlock as ll
-    >>> mask([jnp.ones(2), jnp.ones(3)], ll.freeze("0"))
+    >>> trainable_mask([jnp.ones(2), jnp.ones(3)], ll.freeze("0"))
     [False, True]
     """
-    decided = _decisions(tree, spec, strict)
+    decided = _decisions(tree, spec, strict, bn)
     return jax.tree_util.tree_map_with_path(lambda k, x: decided.get(pytree.path_of(k), False), tree)
 
 
-def partition(tree: Any, spec: Spec, *, strict: bool = True) -> tuple[Any, Any]:
+def frozen_mask(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow") -> Any:
+    """A pytree of bools shaped like ``tree``: **True where the leaf is frozen** (the
+    ``mask`` of ``optax.freeze``, the ``freeze_mask`` of
+    ``optax.transforms.selective_transform``): the exact inverse of :func:`trainable_mask`.
+    Leaves that are not arrays (an Equinox activation) are never trainable, so True here.
+
+    >>> import jax.numpy as jnp, optax, layerlock as ll
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    >>> frozen_mask(params, ll.freeze("a"))
+    {'a': True, 'b': False}
+    >>> tx = optax.transforms.selective_transform(optax.adamw(0.1), freeze_mask=frozen_mask(params, ll.freeze("a")))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["a"].tolist()   # frozen: not moved, weight decay included
+    [1.0, 1.0]
+    """
+    return jax.tree.map(lambda keep: not keep, trainable_mask(tree, spec, strict=strict, bn=bn))
+
+
+def mask(tree: Any, spec: Spec, *, strict: bool = True) -> Any:
+    """Deprecated: the old name of :func:`trainable_mask` (True = trainable); it goes in the
+    next release. Use :func:`frozen_mask` where optax wants True = frozen."""
+    warnings.warn("layerlock.jax.mask is deprecated and goes in the next release: use layerlock.jax.trainable_mask "
+                  "(the same mask, True = trainable), or frozen_mask (True = frozen) for optax.freeze / "
+                  "selective_transform(freeze_mask=...)", DeprecationWarning, stacklevel=2)
+    return trainable_mask(tree, spec, strict=strict)
+
+
+def partition(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow") -> tuple[Any, Any]:
     """``(trainable, frozen)``: two pytrees shaped like ``tree``, each with None where the
     other has the leaf (Equinox style); :func:`combine` puts them back together.
 
@@ -73,7 +145,7 @@ def partition(tree: Any, spec: Spec, *, strict: bool = True) -> tuple[Any, Any]:
     >>> train["a"] is None, frozen["b"] is None
     (True, True)
     """
-    m = mask(tree, spec, strict=strict)
+    m = trainable_mask(tree, spec, strict=strict, bn=bn)
     return (jax.tree.map(lambda x, keep: x if keep else None, tree, m),
             jax.tree.map(lambda x, keep: None if keep else x, tree, m))
 
@@ -91,7 +163,7 @@ def combine(*trees: Any) -> Any:
 
 
 def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
-              strict: bool = True) -> optax.GradientTransformation:
+              strict: bool = True, bn: BnPolicy = "follow") -> optax.GradientTransformation:
     """``tx`` for the trainable leaves and a zero update for the frozen ones, so frozen
     leaves stay bit-identical (weight decay included) and get no optimizer state (no Adam
     moments). Init it with the same pytree, or its array part (``eqx.filter(model,
@@ -104,7 +176,7 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
     >>> updates["a"].tolist()   # -0.0: adding it leaves every value bit-identical
     [-0.0, -0.0, -0.0]
     """
-    decided = _decisions(tree, spec, strict)
+    decided = _decisions(tree, spec, strict, bn)
 
     def labels(params: Any) -> Any:
         def label(keys: tuple[Any, ...], _: Any) -> str:

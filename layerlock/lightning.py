@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .resolver import BnPolicy
 from .schedule import Schedule
-from .stepper import PhaseStepper
+from .stepper import PhaseStepper, log_option
 from .torch import FreezeScheduler as _LoopScheduler
 
 try:
@@ -29,23 +30,29 @@ __all__ = ["FreezeScheduler"]
 class FreezeScheduler(Callback):
     """Apply ``schedule`` at the start of each training epoch, keeping the first optimizer
     (and its LR scheduler) in sync; phases are checked against the model in ``setup``.
+    ``log`` receives the one-line message of each transition; the default,
+    ``rank_zero_info``, logs it once (on rank 0) through Lightning's logger; None: silent.
     Its state goes into Lightning checkpoints, and resuming replays the phases before
     Lightning restores the optimizer, so the param groups match.
+
+    ``verbose=`` (the old name of ``log``) works for one more release, with a
+    ``DeprecationWarning``; ``verbose=False`` is ``log=None``.
     """
 
     def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
-                 frozen_mode: str | None = None, verbose: bool = True) -> None:
+                 frozen_mode: str | None = None, log: Callable[[str], None] | None = rank_zero_info,
+                 verbose: bool | None = None) -> None:
         PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)  # bad input fails here
         self.schedule = schedule
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
-        self.verbose = verbose
+        # Not self.log: the Trainer sets every callback's ``log`` to the module's metric logger.
+        self._log = log_option("layerlock.lightning.FreezeScheduler", log, verbose, default=rank_zero_info)
         self.loop: _LoopScheduler | None = None
         self._resume: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            self.loop = _LoopScheduler(self.schedule, pl_module, None, log=rank_zero_info if self.verbose else None,
-                                       **self.options)
+            self.loop = _LoopScheduler(self.schedule, pl_module, None, log=self._log, **self.options)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         assert self.loop is not None

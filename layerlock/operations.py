@@ -14,14 +14,15 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from .backends import Backend, get_backend, get_check
-from .errors import LayerlockError, SpecError
+from .errors import BackendError, LayerlockError, SpecError
 from .resolver import BnPolicy, check_options, resolve
 from .results import Plan, Report, State, Summary
 from .spec import Spec, freeze
@@ -152,24 +153,44 @@ def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: BnPol
     """Look for the silent freezing bugs in a training set-up and report each with its fix;
     changes nothing. What is looked for depends on the framework (see ``docs/check.md``):
     trainable parameters the ``optimizer`` does not hold (they never train), frozen ones it
-    keeps state for, norm layers whose weights are all frozen but whose statistics still move
-    (unless ``bn="trainable"`` says that is intended), reentrant activation checkpointing over
-    frozen inputs, distributed wrappers or compiled models that do not match the trainable
-    set, an LR ``scheduler`` that does not cover every optimizer group, and a ``schedule``
-    with more trainable sets than ``torch.compile`` recompiles for.
+    keeps state for or still updates, norm layers whose weights are all frozen but whose
+    statistics still move (unless ``bn="trainable"`` says that is intended), reentrant
+    activation checkpointing over frozen inputs, distributed wrappers or compiled models that
+    do not match the trainable set, an LR ``scheduler`` that does not cover every optimizer
+    group, and a ``schedule`` with more trainable sets than ``torch.compile`` recompiles for.
+    What could not be inspected (no optimizer given, a backend without checks) is listed in
+    ``Report.not_checked``, never passed off as clean. A JAX pytree holds no flags:
+    ``layerlock.jax.check(tree, spec, opt_state)`` checks its optimizer state.
 
     >>> import torch, layerlock as ll
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> opt = torch.optim.SGD(net[1].parameters(), lr=0.1)
     >>> ll.check(net, opt).kinds
     ('not-in-optimizer',)
+    >>> ll.check(net).not_checked
+    ('the optimizer (pass optimizer= to ll.check)',)
     """
     check_options(Spec(), bn, None)
-    backend = get_backend(model)
+    try:
+        backend = get_backend(model)
+    except BackendError as exc:
+        if not _is_pytree(model):
+            raise
+        raise BackendError(f"{exc} A JAX pytree (a dict, list or Equinox module of arrays) holds no trainable "
+                           "flags for ll.check to read: check its optax state against the spec with "
+                           "layerlock.jax.check(tree, spec, opt_state).") from None
     finder = get_check(backend)
     if finder is None:
         return Report((), backend.name, (f"everything: the {backend.name} backend has no checks",))
-    return Report(tuple(finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule)), backend.name)
+    return Report.of(finder(model, optimizer, scheduler=scheduler, bn=bn, schedule=schedule), backend.name)
+
+
+def _is_pytree(model: Any) -> bool:
+    """A container that JAX code trains as a pytree: a dict, list or tuple, or a dataclass
+    instance (an Equinox module), told apart without importing jax."""
+    if isinstance(model, (Mapping, list, tuple)):
+        return True
+    return dataclasses.is_dataclass(model) and not isinstance(model, type)
 
 
 def fingerprint(model: Any, which: str = "frozen") -> str:

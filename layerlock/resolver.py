@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Literal, TypeVar
 
+from . import families
 from .errors import LayerlockWarning, NoMatchError, SpecError
 from .results import LayerPlan, Plan, state_name
 from .spec import Rule, Spec, matcher
@@ -71,12 +72,14 @@ def _suggest(word: str, candidates: Iterable[str]) -> list[str]:
 
 class _Resolver:
     """Which rule last selected each layer (``node_rule``) and each parameter occurrence
-    (``param_rule``) of one tree; -1 where none did."""
+    (``param_rule``) of one tree; -1 where none did. ``counted`` holds the blocks ``depth``
+    counted where they are not the children of the layer it was given (a transparent one)."""
 
-    def __init__(self, tree: Tree, strict: bool) -> None:
-        self.tree, self.strict = tree, strict
+    def __init__(self, tree: Tree, strict: bool, backend: str = "") -> None:
+        self.tree, self.strict, self.backend = tree, strict, backend
         self.node_rule = [-1] * len(tree.layer_paths)
         self.param_rule = [-1] * len(tree.param_paths)
+        self.counted: dict[str, tuple[str, ...]] = {}
 
     @functools.cached_property
     def layer_index(self) -> dict[str, int]:
@@ -155,20 +158,34 @@ class _Resolver:
             pattern=pattern, suggestions=hint))
 
     def select_kind(self, r: int, kind: str, label: str) -> None:
-        match, kinds, hit, i = matcher(kind), self.tree.kinds, False, 0
+        family = families.is_family(kind)
+        match = families.matcher(kind, self.backend) if family else matcher(kind)
+        kinds, hit, i = self.tree.kinds, False, 0
         while i < len(kinds):
             if match(kinds[i]):
                 i, hit = self.mark(i, r), True
             else:
                 i += 1
-        if not hit:
-            hint = _suggest(kind, set(kinds))
-            self.fail(NoMatchError(f"{label}: kind {kind!r} matches no layer class"
-                                   + (f"; closest kinds: {', '.join(hint)}" if hint else ""),
-                                   pattern=kind, suggestions=hint))
+        if hit:
+            return
+        if family:
+            present = ", ".join(list(dict.fromkeys(kinds))[:8])
+            self.fail(NoMatchError(
+                f"{label}: kind {kind!r} matches no layer; in {self.backend or 'this tree'} it is the classes "
+                f"{', '.join(families.names(families.check(kind), self.backend))}; this model's layer kinds: "
+                f"{present}", pattern=kind, suggestions=[]))
+            return
+        hint = _suggest(kind, set(kinds))
+        other = families.family_of(kind) if _GLOB.isdisjoint(kind) else None
+        self.fail(NoMatchError(f"{label}: kind {kind!r} matches no layer class"
+                               + (f"; closest kinds: {', '.join(hint)}" if hint else "")
+                               + (f"; {kind!r} is a {other} layer of some framework: kind='family:{other}' "
+                                  f"selects {other} layers in every framework" if other else ""),
+                               pattern=kind, suggestions=hint))
 
-    def container(self, where: str, label: str) -> list[int] | None:
-        """The children of layer ``where`` ('' is the model: layer ``tree.root``), or None (reported) if absent."""
+    def container(self, where: str, label: str) -> tuple[int, list[int]] | None:
+        """The layer whose children are the blocks of layer ``where`` ('' is the model: layer
+        ``tree.root``) and those children, or None (reported) if ``where`` is absent."""
         i = self.layer_index.get(where) if where else self.tree.root
         if i is None:
             hint = _suggest(where, [p for p, j in self.layer_index.items() if self.tree.end[j] > j + 1])
@@ -176,18 +193,23 @@ class _Resolver:
                                    + (f"; closest containers: {', '.join(hint)}" if hint else ""),
                                    pattern=where, suggestions=hint))
             return None
-        return self.tree.children(i)
+        return _through(self.tree, i)
 
     def select_depth(self, r: int, rule: Rule, label: str) -> None:
         assert rule.depth is not None
         where = rule.within or ""
-        children = self.container(where, label)
-        if children is None:
+        found = self.container(where, label)
+        if found is None:
             return
+        i, children = found
+        paths, transparent = self.tree.layer_paths, i != (self.layer_index[where] if where else self.tree.root)
+        if transparent:
+            self.counted[paths[i]] = tuple(paths[c] for c in children)
         if abs(rule.depth) > len(children):
-            names = ", ".join(self.tree.layer_paths[c] for c in children[:5])
+            names = ", ".join(paths[c] for c in children[:5])
+            inside = f", the entries of {paths[i]!r}," if transparent else ""
             self.fail(SpecError(
-                f"{label}: depth={rule.depth} but {where or 'the model'!s} has {len(children)} blocks "
+                f"{label}: depth={rule.depth} but {where or 'the model'!s} has {len(children)} blocks{inside} "
                 f"({names}{', ...' if len(children) > 5 else ''}); accepted: -{len(children)} to {len(children)}"))
         for child in children[: rule.depth]:
             self.mark(child, r)
@@ -235,15 +257,51 @@ def select(root: Node | Tree, patterns: Sequence[str], *, strict: bool = True, w
 
 
 def blocks(root: Node | Tree, within: str | None = None, *, strict: bool = True) -> list[str]:
-    """Paths of the blocks ``depth`` counts: the children of ``within`` (or of the model).
+    """Paths of the blocks ``depth`` counts: the children of ``within`` (or of the model),
+    or the entries of its list where it is transparent (see :func:`_through`).
 
     >>> from layerlock.tree import Node
     >>> blocks(Node("", "Net", children=[Node("a", "Linear"), Node("b", "Linear")]))
     ['a', 'b']
+    >>> blocks(Node("", "MLP", children=[Node("layers", "list", children=[Node("layers.0", "Linear")])]))
+    ['layers.0']
     """
     tree = Tree.of(root)
-    children = _Resolver(tree, strict).container(within or "", f"within={within!r}")
-    return [tree.layer_paths[c] for c in children or ()]
+    found = _Resolver(tree, strict).container(within or "", f"within={within!r}")
+    return [tree.layer_paths[c] for c in (found[1] if found else ())]
+
+
+def _is_sequence(tree: Tree, i: int, children: list[int]) -> bool:
+    """Layer ``i`` is a list of layers: no parameters of its own, and children named ``0``,
+    ``1``, ... in order (torch ModuleList / Sequential, nnx.List, a pytree list or tuple)."""
+    if not children or tree.first[i + 1] > tree.first[i]:
+        return False
+    paths = tree.layer_paths
+    return all(paths[c].rpartition(".")[2] == str(n) for n, c in enumerate(children))
+
+
+def _through(tree: Tree, i: int) -> tuple[int, list[int]]:
+    """The layer whose children are layer ``i``'s blocks, and those children.
+
+    A layer is transparent for depth when it has no parameters of its own and one child,
+    a list of layers (:func:`_is_sequence`): its blocks are that list's entries. So
+    ``nnx.Sequential`` / ``eqx.nn.Sequential`` (child ``layers``), ``eqx.nn.MLP`` and a torch
+    module whose only child is a ModuleList count their layers as torch's Sequential does.
+    This repeats while the container found is transparent, or is a one-entry list whose
+    entry is. A list among other children stays one block.
+    """
+    children = tree.children(i)
+    while len(children) == 1 and tree.first[i + 1] == tree.first[i]:
+        only = children[0]
+        inner = tree.children(only)
+        if _is_sequence(tree, only, inner):
+            i, children = only, inner
+        elif _is_sequence(tree, i, children) and len(inner) == 1 and tree.first[only + 1] == tree.first[only] \
+                and _is_sequence(tree, inner[0], tree.children(inner[0])):
+            i, children = only, inner  # a one-entry list whose entry is transparent: step into it
+        else:
+            break
+    return i, children
 
 
 def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -266,7 +324,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
     check_options(spec, bn, frozen_mode)
     _check_holds(holds, frozen_mode, backend)
     tree = Tree.of(root)
-    res = _Resolver(tree, strict)
+    res = _Resolver(tree, strict, backend)
     decided, groups = res.decide(spec.rules, [f"rule #{r} {rule!r}" for r, rule in enumerate(spec.rules)])
     for os in groups:
         _check_tied(res, spec, os)
@@ -293,7 +351,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
         paths, numels, before = [paths[o] for o in rows], [numels[o] for o in rows], [before[o] for o in rows]
         after, rules = [after[o] for o in rows], [rules[o] for o in rows]
     plan = Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
-                layers, bn, frozen_mode, backend, carried)
+                layers, bn, frozen_mode, backend, carried, res.counted)
     notes = [plan.tied_note(k) for k in carried if before[k] != after[k]]
     if notes:
         warnings.warn(

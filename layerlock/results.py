@@ -9,7 +9,7 @@ entries), :class:`State` and :class:`Summary`. No framework, no model: just data
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -54,6 +54,9 @@ class Plan:
     and ``rules``; ``aliases`` maps a row to a tied parameter's other paths, and ``carried``
     to those of its paths (the first included) that the deciding rule did not select: the
     decision covers them too. ``params`` gives the same rows as :class:`ParamPlan` entries.
+    ``blocks`` is set where ``depth`` counted the entries of a list rather than the children
+    of the layer it was given (``nnx.Sequential``'s ``layers``): the list's path -> the block
+    paths counted.
 
     >>> import layerlock as ll
     >>> p = Plan(ll.freeze(), ("w", "b"), (4, 2), (True, True), (False, True), (0, None))
@@ -73,6 +76,7 @@ class Plan:
     frozen_mode: str | None = None
     backend: str = ""
     carried: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    blocks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @functools.cached_property
     def params(self) -> tuple[ParamPlan, ...]:
@@ -135,9 +139,24 @@ class Plan:
         return (f"{self.paths[row]} is tied: {verb} by {self.describe(self.rules[row])} through "
                 f"{', '.join(through)}; also {verb}: {', '.join(carried)}")
 
+    def blocks_note(self) -> list[str]:
+        """One line per list whose entries ``depth`` counted (empty where it counted children).
+
+        >>> import layerlock as ll
+        >>> p = Plan(ll.freeze(depth=1), (), (), (), (), (), blocks={"layers": ("layers.0", "layers.1")})
+        >>> p.blocks_note()
+        ["depth counted the 2 blocks of 'layers': layers.0, layers.1"]
+        """
+        out = []
+        for where, paths in self.blocks.items():
+            shown = list(paths) if len(paths) <= 6 else [*paths[:3], "...", paths[-1]]
+            out.append(f"depth counted the {len(paths)} block{'s' * (len(paths) != 1)} of {where!r}: "
+                       + ", ".join(shown))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for scripts and the command line."""
-        return {
+        out: dict[str, Any] = {
             "backend": self.backend,
             "spec": self.spec.to_dict(),
             "bn": self.bn,
@@ -156,6 +175,9 @@ class Plan:
             "frozen_scalars": self.frozen_scalars,
             "trainable_scalars": self.trainable_scalars,
         }
+        if self.blocks:
+            out["blocks"] = {where: list(paths) for where, paths in self.blocks.items()}
+        return out
 
     def __str__(self) -> str:
         rows: list[list[Any]] = []
@@ -178,6 +200,7 @@ class Plan:
         text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
                 table(("parameter", "scalars", "trainable", "decided by"), body, right=(1,))]
         text += [self.tied_note(i) for i in self.carried]
+        text += self.blocks_note()
         moved = [lp for lp in self.layers if lp.held_before != lp.held_after]
         if moved:
             text.append("inference mode: " + ", ".join(
@@ -336,6 +359,19 @@ class Report:
     findings: tuple[Finding, ...]
     backend: str = ""
     not_checked: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, found: Iterable[Finding | str], backend: str = "") -> Report:
+        """The report of what a :class:`~layerlock.backends.Check` returned: each ``str``
+        is something it could not inspect (``not_checked``), the rest its findings.
+
+        >>> r = Report.of([Finding("not-in-optimizer", "never trained", "add them"), "the optimizer"])
+        >>> r.kinds, r.not_checked
+        (('not-in-optimizer',), ('the optimizer',))
+        """
+        items = list(found)
+        return cls(tuple(f for f in items if not isinstance(f, str)), backend,
+                   tuple(f for f in items if isinstance(f, str)))
 
     def __bool__(self) -> bool:
         return bool(self.findings)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import families
 from .errors import SpecError
 
 Action = Literal["freeze", "unfreeze"]
@@ -87,7 +88,8 @@ class Rule:
     """One ordered step of a spec: freeze or unfreeze what its selectors pick.
 
     Selectors (``patterns``, ``depth`` with optional ``within``, ``kind``) combine as a
-    union; a rule with no selector picks everything.
+    union; a rule with no selector picks everything. A ``kind`` is a class-name glob or a
+    layer family (``"family:dense"``, :mod:`layerlock.families`).
 
     >>> Rule("freeze", patterns=("backbone",))
     freeze('backbone')
@@ -104,9 +106,15 @@ class Rule:
             raise SpecError(f"action must be one of {ACTIONS}; received {self.action!r}")
         patterns = tuple(_normalise(p) for p in _strings(self.patterns, "patterns"))
         for p in patterns:
+            if families.is_family(p):
+                raise SpecError(f"{p!r} is a layer family, and patterns match paths; write kind={p!r}")
             matcher(p)  # a bad regex fails here, before any model is touched
         object.__setattr__(self, "patterns", patterns)
-        object.__setattr__(self, "kind", _strings(self.kind, "kind"))
+        kinds = _strings(self.kind, "kind")
+        for k in kinds:
+            if families.is_family(k):
+                families.check(k)  # an unknown family fails here, listing the families
+        object.__setattr__(self, "kind", kinds)
         if self.depth is not None and (not isinstance(self.depth, int) or isinstance(self.depth, bool)):
             raise SpecError(
                 f"depth must be an int (like a slice bound: 2 means layers[:2], -1 means "

@@ -1,7 +1,8 @@
 """The runtime that walks a model through a :class:`~layerlock.Schedule`: one routine
 (:class:`PhaseStepper`) that the torch, Keras, Lightning, Hugging Face and JAX schedulers
-adapt, the plain-loop scheduler they share (:class:`LoopScheduler`), and the check they run
-when training starts (:func:`warn_check`).
+adapt, the plain-loop scheduler they share (:class:`LoopScheduler`), the check they run
+when training starts (:func:`warn_check`) and the ``log=`` option they all take
+(:func:`log_option`).
 
 >>> import torch, layerlock as ll
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -110,6 +111,33 @@ def warn_check(model: Any, optimizer: Any = None, scheduler: Any = None, *, bn: 
     return report
 
 
+def log_option(owner: str, log: Any, verbose: Any = None, *, default: Any = print) -> Callable[[str], None] | None:
+    """The ``log`` a freeze scheduler uses: a callable that takes the one-line message of
+    each transition, or None for silence. ``verbose`` is the deprecated spelling some
+    callbacks had (``verbose=0`` is ``log=None``, a true value is ``default``); it warns
+    with a :class:`DeprecationWarning`, and giving it together with ``log`` is refused.
+
+    >>> log_option("FreezeScheduler", None) is None
+    True
+    >>> log_option("FreezeScheduler", 0)
+    Traceback (most recent call last):
+    ...
+    layerlock.errors.SpecError: FreezeScheduler: log must be a callable that takes the message (print, logging.info) or None for silence; received 0 (int)
+    """
+    if verbose is not None:
+        if log is not default:
+            raise SpecError(f"{owner}: give log= or the deprecated verbose=, not both; received log={log!r} and "
+                            f"verbose={verbose!r}. Keep log= (None for silence).")
+        warnings.warn(f"{owner}(verbose=...) is deprecated and goes in the next release: pass "
+                      f"log=None for verbose=0, or a callable that takes the message (default "
+                      f"{getattr(default, '__name__', default)}).", DeprecationWarning, stacklevel=3)
+        return default if verbose else None
+    if log is not None and not callable(log):
+        raise SpecError(f"{owner}: log must be a callable that takes the message (print, logging.info) or None "
+                        f"for silence; received {log!r} ({type(log).__name__})")
+    return log  # type: ignore[no-any-return]
+
+
 class LoopScheduler:
     """What a freeze scheduler for a plain training loop does in every framework: call
     ``step(epoch)`` at the start of each epoch; on a phase change it applies the spec, calls
@@ -130,7 +158,8 @@ class LoopScheduler:
     def __init__(self, schedule: Schedule, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
         self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
-        self.schedule, self.model, self.log = schedule, model, log
+        self.schedule, self.model = schedule, model
+        self.log = log_option(f"{type(self).__module__}.{type(self).__name__}", log)
         self.epoch = -1
         self.stepper.check(model)
         self._checked = False

@@ -111,10 +111,11 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
     return list(groups.values())
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr: float | None = None,
+def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, lr: float | None = None,
                    scheduler: Any = None) -> list[str]:
     """Add the model's trainable parameters that the optimizer lacks (matched by identity)
-    as one new param group, keeping all existing state; return their paths.
+    as one new param group (at ``lr``, else the optimizer's default), keeping all existing
+    state; return their paths.
 
     Parameters that are frozen now stay in the optimizer with their state but cannot move,
     since their ``grad`` is None. A given LR ``scheduler`` is extended to the new group, or
@@ -226,7 +227,7 @@ class FreezeScheduler(LoopScheduler):
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:
             return ""
-        added = sync_optimizer(self.optimizer, self.model, phase.lr, self.scheduler)
+        added = sync_optimizer(self.optimizer, self.model, lr=phase.lr, scheduler=self.scheduler)
         if not added:
             return ""
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")

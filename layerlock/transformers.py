@@ -44,7 +44,7 @@ from .operations import plan
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
-from .stepper import PhaseStepper, warn_check
+from .stepper import PhaseStepper, log_option, warn_check
 
 __all__ = ["FreezeScheduler"]
 
@@ -68,7 +68,8 @@ class FreezeScheduler(TrainerCallback):
         if unit not in UNITS:
             raise SpecError(f"unit must be one of {UNITS}; received {unit!r}")
         self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode, unit=unit)
-        self.schedule, self.unit, self.log = schedule, unit, log
+        self.schedule, self.unit = schedule, unit
+        self.log = log_option("layerlock.transformers.FreezeScheduler", log)
         self._model: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None

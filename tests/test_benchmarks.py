@@ -30,6 +30,24 @@ def test_jax_is_a_step_suite_of_the_full_run():
     assert "jax" in SECTIONS and parse(["--only", "jax"]).only == ["jax"]
 
 
+def test_every_backend_is_a_step_suite_of_the_full_run():
+    from benchmarks.__main__ import STEP_SUITES, parse
+    from benchmarks.report import SUITE_TITLES
+    from benchmarks.worker import SUITES
+
+    every = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax", "equinox")
+    assert set(STEP_SUITES) == set(SUITES) == set(SUITE_TITLES) == set(every)
+    assert parse(["--only", "keras-jax,equinox"]).only == ["keras-jax", "equinox"]
+    assert set(every) <= set(parse([]).only)
+
+
+def _results(steps: dict) -> dict:
+    return {"meta": {"date": "now", "quick": True, "device": "cpu", "device_name": "test cpu",
+                     "machine": {"cores": 2, "load_avg_start": None}, "versions": {"python": "3"},
+                     "threads": 1, "omp_wait_policy": "PASSIVE", "load_avg_end": None},
+            "steps": steps, "memory": {}, "import": {}, "apply": {}}
+
+
 def test_tiny_torch_grid_writes_json_and_docs(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
@@ -103,6 +121,81 @@ def test_tiny_jax_grid_records_modes_ratios_and_optimizer_bytes(tmp_path):
     text = report.write(tmp_path, tmp_path / "docs").read_text()
     assert "### Step time: JAX (Flax NNX)" in text and "optax mask only" in text
     assert "layerlock ÷ limit ≤ 1.02 (JAX)" in text and "optimizer-state bytes, layerlock ÷ full" in text
+
+
+def test_a_partial_run_of_new_suites_keeps_the_other_suites_rows():
+    from benchmarks.__main__ import merge
+
+    old = {"meta": {"date": "d1", "versions": {}, "elapsed_s": {}},
+           "steps": {"torch": {"cases": 1}, "jax": {"cases": 2}}, "memory": {"torch": {"cnn": {}}},
+           "apply": {}, "import": {}}
+    new = {"meta": {"date": "d2", "versions": {}, "elapsed_s": {"steps equinox": 5, "total": 5}},
+           "steps": {"keras-jax": {"cases": 3}, "equinox": {"cases": 4}}, "memory": {"equinox": {"cnn": {}}},
+           "apply": {}, "import": {}}
+    out = merge(old, new, ["keras-jax", "equinox"])
+    assert out["steps"] == {"torch": {"cases": 1}, "jax": {"cases": 2}, "keras-jax": {"cases": 3},
+                            "equinox": {"cases": 4}}
+    assert out["memory"] == {"torch": {"cnn": {}}, "keras-jax": {}, "equinox": {"cnn": {}}}
+
+
+def test_tiny_keras_jax_grid_runs_in_its_own_process_and_renders(tmp_path):
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    from benchmarks.__main__ import ROOT, worker_env
+
+    steps_json = tmp_path / "steps.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.worker", "steps", "keras-jax", str(steps_json), "--quick",
+                    "--reps", "2", "--warmup", "1", "--threads", "1", "--cases", "cnn"],
+                   env=worker_env("keras-jax", "cpu"), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    steps = json.loads(steps_json.read_text())
+    case = steps["cases"]["cnn"]
+    assert set(case["modes"]) == {"full", "layerlock", "hand", "limit", "layerlock_eval", "features"}
+    assert all(len(m["samples_s"]) == 2 for m in case["modes"].values())
+    assert {"layerlock/hand", "frozen/limit", "opt-state layerlock/full"} <= set(case["ratios"])
+    # SGD momentum: one buffer per trainable variable, plus the iteration counter
+    frozen = case["modes"]["layerlock"]
+    assert frozen["param_bytes"]["trainable"] < frozen["param_bytes"]["all"]
+    assert frozen["param_bytes"]["trainable"] <= frozen["opt_state_bytes"] < frozen["param_bytes"]["trainable"] + 64
+    assert case["modes"]["hand"]["opt_state_bytes"] == frozen["opt_state_bytes"]
+
+    (tmp_path / "cpu.json").write_text(json.dumps(_results({"keras-jax": steps})))
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    assert "### Step time: Keras 3 on JAX" in text
+    assert "layerlock ÷ hand step time = 1.00 ± 0.03 (Keras 3 on JAX)" in text
+    assert "(+1%, Keras 3 on JAX)" in text
+
+
+def test_tiny_equinox_grid_records_modes_ratios_and_optimizer_bytes(tmp_path):
+    pytest.importorskip("equinox")
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    from benchmarks import equinox_cases, worker
+
+    steps_json = tmp_path / "steps.json"
+    worker.main(["steps", "equinox", str(steps_json), "--quick", "--reps", "2", "--warmup", "1",
+                 "--cases", "cnn"])
+    steps = json.loads(steps_json.read_text())
+    case = steps["cases"]["cnn"]
+    assert set(case["modes"]) == set(equinox_cases.MODES)
+    assert all(len(m["samples_s"]) == 2 for m in case["modes"].values())
+    assert {"layerlock/hand", "frozen/limit", "mask/layerlock", "mask/hand mask",
+            "opt-state layerlock/full"} <= set(case["ratios"])
+    # adamw: two moments per trainable leaf, none for frozen leaves, in every frozen mode
+    frozen = case["modes"]["layerlock"]
+    assert frozen["param_bytes"]["trainable"] < frozen["param_bytes"]["all"] == case["modes"]["full"]["param_bytes"]["all"]
+    assert 2 * frozen["param_bytes"]["trainable"] <= frozen["opt_state_bytes"] < 2 * frozen["param_bytes"]["trainable"] + 64
+    assert len({case["modes"][m]["opt_state_bytes"] for m in equinox_cases.MODES if m != "full"}) == 1
+
+    (tmp_path / "cpu.json").write_text(json.dumps(_results({"equinox": steps})))
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    assert "### Step time: JAX (Equinox, optax)" in text and "hand-written optax mask" in text
+    assert "layerlock ÷ hand step time = 1.00 ± 0.03 (JAX (Equinox, optax))" in text
+    assert "layerlock ÷ limit ≤ 1.02 (Equinox)" in text and "(+1%, Equinox)" in text
 
 
 def test_a_missing_jax_is_reported_not_run(monkeypatch):

@@ -62,6 +62,18 @@ def unfrozen_by_hand_after_fit():
     return model
 
 
+def test_an_optimizer_that_cannot_be_read_is_reported_as_not_checked():
+    model = net()  # not compiled, no optimizer given
+    report = ll.check(model)
+    assert not report and report.not_checked == ("the optimizer (compile the model, or pass optimizer= to ll.check)",)
+    assert str(report).startswith("layerlock.check: no freezing problems found in what was checked\nnot checked: ")
+    model = compiled(keras.optimizers.Adam(0.01))  # compiled, the optimizer not built until the first step
+    assert "not built yet" in ll.check(model).not_checked[0]
+    fit(model)
+    report = ll.check(model)
+    assert report.not_checked == () and str(report) == "layerlock.check: no freezing problems found"
+
+
 def test_unfrozen_by_hand_after_fit_is_not_in_the_optimizer_and_never_trains():
     model = unfrozen_by_hand_after_fit()
     kernel = value(model.get_layer("body").kernel)
@@ -151,13 +163,13 @@ def test_freeze_scheduler_warns_once_with_the_report_when_training_starts():
     bn.gamma.trainable = bn.beta.trainable = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(model, epochs=3, callbacks=[llk.FreezeScheduler(ll.Schedule({1: ll.freeze("body")}), verbose=0)])
+        fit(model, epochs=3, callbacks=[llk.FreezeScheduler(ll.Schedule({1: ll.freeze("body")}), log=None)])
     found = [str(w.message) for w in caught if issubclass(w.category, ll.LayerlockWarning)]
     assert len(found) == 1 and "norm-statistics-move" in found[0] and "layerlock.check" in found[0]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(compiled(), epochs=2, callbacks=[llk.FreezeScheduler(ll.gradual(2), verbose=0)])
+        fit(compiled(), epochs=2, callbacks=[llk.FreezeScheduler(ll.gradual(2), log=None)])
     assert not [w for w in caught if issubclass(w.category, ll.LayerlockWarning)]
 
 
@@ -203,3 +215,16 @@ def test_tf_keras_batchnorm_switched_on_inside_a_frozen_parent_moves_its_statist
     mean = bn.moving_mean.numpy()
     fit(model)
     assert np.array_equal(mean, bn.moving_mean.numpy())
+
+
+def test_tf_keras_optimizers_that_cannot_be_read_are_reported_as_not_checked(tf_keras):
+    model = net(tf_keras)
+    model.compile(tf_keras.optimizers.SGD(0.1), "mse")
+    assert "not built yet" in ll.check(model).not_checked[0]
+    fit(model)
+    assert ll.check(model).not_checked == ()
+    model = net(tf_keras)
+    model.compile(tf_keras.optimizers.legacy.SGD(0.1), "mse")
+    fit(model)
+    report = ll.check(model)
+    assert not report and "legacy tf_keras optimizer" in report.not_checked[0]

@@ -140,6 +140,21 @@ def test_reentrant_checkpointing_over_frozen_embeddings_trains_nothing_inside_an
     assert any(n.startswith("bert.encoder.") for n in train())
 
 
+def test_without_an_optimizer_the_report_says_the_optimizer_was_not_checked():
+    model = net()
+    optimizer = torch.optim.SGD(model[3].parameters(), lr=0.1)  # a problem only the optimizer shows
+    assert ll.check(model, optimizer).kinds == ("not-in-optimizer",)
+    report = ll.check(model)
+    assert not report and report.not_checked == ("the optimizer (pass optimizer= to ll.check)",)
+    assert str(report) == ("layerlock.check: no freezing problems found in what was checked\n"
+                           "not checked: the optimizer (pass optimizer= to ll.check)")
+    model[1].requires_grad_(False)  # findings and the note together
+    report = ll.check(model)
+    assert report.kinds == ("norm-statistics-move",) and str(report).endswith(
+        "not checked: the optimizer (pass optimizer= to ll.check)")
+    assert report.to_dict()["not_checked"] == ["the optimizer (pass optimizer= to ll.check)"]
+
+
 def test_check_changes_nothing_and_refuses_a_bad_bn_policy():
     model = net()
     optimizer = torch.optim.SGD(model[3].parameters(), lr=0.1)

@@ -288,42 +288,242 @@ def _found(*names):
 
 
 def _sequentials():
-    """Three Linear layers in each framework's Sequential; {name: (model, plan function)}."""
+    """``Sequential(Linear(4, 8), BatchNorm(8), relu, Linear(8, 8), Linear(8, 2))`` in each
+    framework (146 scalars, 18 in the last Linear); {name: (model, plan function)}. torch's
+    and Keras's have the entries as children; nnx.Sequential and eqx.nn.Sequential have one
+    child, ``layers``, with the entries under it."""
     out = {}
     if _found("torch"):
         from torch import nn
 
-        out["torch"] = (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1)), ll.plan)
+        out["torch"] = (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8),
+                                      nn.Linear(8, 2)), ll.plan)
+    if _found("keras"):
+        import keras
+
+        out["keras"] = (keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                                          keras.layers.Activation("relu"), keras.layers.Dense(8),
+                                          keras.layers.Dense(2)]), ll.plan)
     if _found("jax", "flax"):
         from flax import nnx
 
         r = nnx.Rngs(0)
-        out["flax"] = (nnx.Sequential(nnx.Linear(2, 3, rngs=r), nnx.Linear(3, 3, rngs=r), nnx.Linear(3, 1, rngs=r)),
-                       ll.plan)
+        out["flax"] = (nnx.Sequential(nnx.Linear(4, 8, rngs=r), nnx.BatchNorm(8, rngs=r), nnx.relu,
+                                      nnx.Linear(8, 8, rngs=r), nnx.Linear(8, 2, rngs=r)), ll.plan)
     if _found("jax", "equinox", "optax"):
         import equinox as eqx
         import jax
         import layerlock.jax as llj
 
         k = jax.random.split(jax.random.key(0), 3)
-        out["equinox"] = (eqx.nn.Sequential([eqx.nn.Linear(2, 3, key=k[0]), eqx.nn.Linear(3, 3, key=k[1]),
-                                             eqx.nn.Linear(3, 1, key=k[2])]), llj.plan)
+        out["equinox"] = (eqx.nn.Sequential([eqx.nn.Linear(4, 8, key=k[0]), eqx.nn.BatchNorm(8, "batch", mode="batch"),
+                                             eqx.nn.Lambda(jax.nn.relu), eqx.nn.Linear(8, 8, key=k[1]),
+                                             eqx.nn.Linear(8, 2, key=k[2])]), llj.plan)
     return out
 
 
-def test_sequential_depth_needs_within_layers_in_nnx_and_equinox():
-    """torch's Sequential has the blocks as children (``0``, ``1``, ...); nnx.Sequential and
-    eqx.nn.Sequential have one child, ``layers``, with the blocks under it (``layers.0``)."""
+def _mlps():
+    """Three Linears (4 -> 8 -> 8 -> 2) held in one list attribute, activations applied in the
+    forward pass: a torch module whose only child is a ModuleList, eqx.nn.MLP (its ``layers``
+    tuple; the activations are not children) and an NNX module whose only child is a list."""
+    out = {}
+    if _found("torch"):
+        from torch import nn
+
+        class MLP(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)])
+
+        out["torch"] = (MLP(), ll.plan)
+    if _found("jax", "flax"):
+        from flax import nnx
+
+        class NnxMLP(nnx.Module):
+            def __init__(self, rngs):
+                self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs),
+                                        nnx.Linear(8, 2, rngs=rngs)])
+
+        out["flax"] = (NnxMLP(nnx.Rngs(0)), ll.plan)
+    if _found("jax", "equinox", "optax"):
+        import equinox as eqx
+        import jax
+        import layerlock.jax as llj
+
+        out["equinox"] = (eqx.nn.MLP(4, 2, 8, depth=2, key=jax.random.key(0)), llj.plan)
+    return out
+
+
+def _same_everywhere(models, spec):
+    """{framework: (frozen scalars, trainable scalars)} of ``spec`` on each model."""
+    return {name: (plan(model, spec).frozen_scalars, plan(model, spec).trainable_scalars)
+            for name, (model, plan) in models.items()}
+
+
+@pytest.mark.parametrize("depth", range(-5, 6))
+def test_depth_counts_a_sequentials_entries_in_every_framework(depth):
+    """``ll.freeze(depth=-1)`` on the 5-entry Sequential trains only the last Linear (18 of 146
+    scalars) in torch, Keras, NNX and Equinox: the entries of ``layers`` are the blocks."""
     seqs = _sequentials()
-    if "torch" not in seqs or len(seqs) < 2:
-        pytest.skip("needs torch and flax or equinox")
-    torch_model, _ = seqs.pop("torch")
-    reference = ll.plan(torch_model, ll.freeze(depth=2))
-    assert frozen_layers(reference) == ["0", "1"]
-    for name, (model, plan) in seqs.items():
+    if len(seqs) < 2:
+        pytest.skip("needs two frameworks")
+    frozen = sum([40, 16, 0, 72, 18][:depth])  # Linear, BatchNorm, relu, Linear, Linear
+    assert set(_same_everywhere(seqs, ll.freeze(depth=depth)).values()) == {(frozen, 146 - frozen)}
+
+
+@pytest.mark.parametrize("depth, frozen", [(-1, 112), (1, 40), (2, 112), (-2, 40), (3, 130)])
+def test_depth_counts_an_mlps_layers_in_every_framework(depth, frozen):
+    mlps = _mlps()
+    if len(mlps) < 2:
+        pytest.skip("needs two frameworks")
+    assert set(_same_everywhere(mlps, ll.freeze(depth=depth)).values()) == {(frozen, 130 - frozen)}
+
+
+def test_within_layers_still_counts_the_list_and_the_transparent_layer_counts_the_same():
+    seqs = _sequentials()
+    for name in ("flax", "equinox"):
+        if name not in seqs:
+            continue
+        model, plan = seqs[name]
         same = plan(model, ll.freeze(depth=2, within="layers"))
         assert frozen_layers(same) == ["layers.0", "layers.1"], name
-        assert same.frozen_scalars == reference.frozen_scalars, name
-        with pytest.raises(ll.SpecError, match="has 1 blocks"):  # the root's only block is `layers`
-            plan(model, ll.freeze(depth=2))
-        assert plan(model, ll.freeze(depth=1)).trainable == ()  # depth=1 is everything
+        assert same.frozen == plan(model, ll.freeze(depth=2)).frozen, name
+
+
+def test_depth_past_the_blocks_raises_naming_the_blocks_it_counted():
+    for name, (model, plan) in _sequentials().items():
+        if name in ("torch", "keras"):
+            counted = "has 5 blocks \\("  # the model's children
+        else:
+            counted = r"has 5 blocks, the entries of 'layers', \(layers\.0, layers\.1, layers\.2, layers\.3, layers\.4\)"
+        with pytest.raises(ll.SpecError, match=counted + ".*accepted: -5 to 5"):
+            plan(model, ll.freeze(depth=6))
+        with pytest.warns(ll.LayerlockWarning, match="has 5 blocks"):
+            assert plan(model, ll.freeze(depth=-6), strict=False).frozen == ()
+
+
+def test_the_plan_says_which_blocks_depth_counted_where_they_are_a_lists_entries():
+    for name, (model, plan) in _sequentials().items():
+        p = plan(model, ll.freeze(depth=-1))
+        if name in ("torch", "keras"):  # the blocks are the model's children: nothing to say
+            assert p.blocks == {} and "depth counted" not in str(p) and "blocks" not in p.to_dict()
+            continue
+        paths = tuple(f"layers.{i}" for i in range(5))
+        assert p.blocks == {"layers": paths} and p.to_dict()["blocks"] == {"layers": list(paths)}
+        assert "depth counted the 5 blocks of 'layers': layers.0, layers.1, layers.2, layers.3, layers.4" in str(p)
+        assert plan(model, ll.freeze("layers.0")).blocks == {}  # no depth rule, no note
+
+
+def _family_models():
+    """Embedding(10, 4), Conv1d(4 -> 4, k=3), BatchNorm(4), LayerNorm(4), Dropout, Linear(4 -> 2)
+    in each framework (the same scalars in each layer); {name: (model, plan function)}."""
+    out = {}
+    if _found("torch"):
+        from torch import nn
+
+        out["torch"] = (nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4), nn.LayerNorm(4),
+                                      nn.Dropout(0.1), nn.Linear(4, 2)), ll.plan)
+    if _found("keras"):
+        import keras
+
+        L = keras.layers
+        out["keras"] = (keras.Sequential([keras.Input((6,), dtype="int32"), L.Embedding(10, 4), L.Conv1D(4, 3),
+                                          L.BatchNormalization(), L.LayerNormalization(), L.Dropout(0.1),
+                                          L.Dense(2)]), ll.plan)
+    if _found("jax", "flax"):
+        from flax import nnx
+
+        r = nnx.Rngs(0)
+        out["flax"] = (nnx.Sequential(nnx.Embed(10, 4, rngs=r), nnx.Conv(4, 4, (3,), rngs=r), nnx.BatchNorm(4, rngs=r),
+                                      nnx.LayerNorm(4, rngs=r), nnx.Dropout(0.1), nnx.Linear(4, 2, rngs=r)), ll.plan)
+    if _found("jax", "equinox", "optax"):
+        import equinox as eqx
+        import jax
+        import layerlock.jax as llj
+
+        k = jax.random.split(jax.random.key(0), 3)
+        out["equinox"] = (eqx.nn.Sequential([eqx.nn.Embedding(10, 4, key=k[0]), eqx.nn.Conv1d(4, 4, 3, key=k[1]),
+                                             eqx.nn.BatchNorm(4, "batch", mode="batch"), eqx.nn.LayerNorm(4),
+                                             eqx.nn.Dropout(0.1), eqx.nn.Linear(4, 2, key=k[2])]), llj.plan)
+    return out
+
+
+def _matched_blocks(model, family):
+    """Which of the model's blocks (by position) family ``family`` selects a layer in."""
+    from layerlock import families
+    from layerlock.resolver import blocks
+
+    if type(model).__module__.startswith("equinox"):
+        from layerlock.backends import pytree
+
+        tree, backend = pytree.tree(model), "jax"
+    else:
+        b = ll.backends.get_backend(model)
+        tree, backend = Tree.of(b.tree(model)), b.name
+    match, index = families.matcher("family:" + family, backend), {p: i for i, p in enumerate(tree.layer_paths)}
+    out = []
+    for n, path in enumerate(blocks(tree)):
+        i = index[path]
+        if any(match(kind) for kind in tree.kinds[i:tree.end[i]]):
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("family, frozen, positions", [
+    ("dense", 10, [5]), ("conv", 52, [1]), ("norm", 16, [2, 3]), ("batchnorm", 8, [2]), ("layernorm", 8, [3]),
+    ("embedding", 40, [0]), ("dropout", 0, [4])])
+def test_a_family_selects_the_same_layers_in_every_framework(family, frozen, positions):
+    models = _family_models()
+    if len(models) < 2:
+        pytest.skip("needs two frameworks")
+    for name, (model, plan) in models.items():
+        assert _matched_blocks(model, family) == positions, name
+        assert plan(model, ll.freeze(kind=f"family:{family}")).frozen_scalars == frozen, name
+
+
+def test_the_attention_family_selects_each_frameworks_attention_layer():
+    """One attention layer (model size 4, one head, biases): 80 scalars in every framework.
+    (``family:dense`` also reaches the projections inside it where the framework builds them
+    from dense layers: Keras, NNX and Equinox do; torch's MultiheadAttention keeps its input
+    projection as a parameter of its own.)"""
+    layers = {}
+    if _found("torch"):
+        from torch import nn
+
+        layers["torch"] = (nn.Sequential(nn.MultiheadAttention(4, 1), nn.Linear(4, 2)), ll.plan)
+    if _found("keras"):
+        import keras
+
+        x = keras.Input((3, 4))
+        y = keras.layers.Dense(2)(keras.layers.MultiHeadAttention(1, 4)(x, x))
+        layers["keras"] = (keras.Model(x, y), ll.plan)
+    if _found("jax", "flax"):
+        from flax import nnx
+
+        r = nnx.Rngs(0)
+        layers["flax"] = (nnx.Sequential(nnx.MultiHeadAttention(1, 4, qkv_features=4, decode=False, rngs=r),
+                                         nnx.Linear(4, 2, rngs=r)), ll.plan)
+    if _found("jax", "equinox", "optax"):
+        import equinox as eqx
+        import jax
+        import layerlock.jax as llj
+
+        k = jax.random.split(jax.random.key(0), 2)
+        layers["equinox"] = (eqx.nn.Sequential([eqx.nn.MultiheadAttention(1, 4, use_query_bias=True, use_key_bias=True,
+                                                                          use_value_bias=True, use_output_bias=True,
+                                                                          key=k[0]),
+                                                eqx.nn.Linear(4, 2, key=k[1])]), llj.plan)
+    if len(layers) < 2:
+        pytest.skip("needs two frameworks")
+    assert set(_same_everywhere(layers, ll.freeze(kind="family:attention")).values()) == {(80, 10)}
+
+
+def test_layer_decay_counts_the_blocks_depth_counts():
+    """``layerlock.torch.param_groups(layer_decay=...)`` reads the blocks through the same rule:
+    a module whose only child is a ModuleList decays per entry, as depth counts them."""
+    pytest.importorskip("torch")
+    import layerlock.torch as llt
+
+    model, _ = _mlps()["torch"]
+    groups = llt.param_groups(model, 1.0, layer_decay=0.5)
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(0.25, 2), (0.5, 2), (1.0, 2)]

@@ -1,5 +1,6 @@
 """`layerlock demo --quick` in a subprocess: transfer beats both baselines in every installed
-framework; the docs build with mkdocs --strict, and every code example in them runs."""
+framework (torch, Keras, Flax NNX), and every framework trains the same number of scalars in
+each phase; the docs build with mkdocs --strict, and every code example in them runs."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     if not installed():
-        pytest.skip("the demo needs torch or keras")
+        pytest.skip("the demo needs torch, keras or flax")
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-m", "layerlock.cli", "demo", "--quick", "--out", str(out)],
@@ -44,6 +45,32 @@ def test_demo_runs_every_installed_framework_and_writes_its_outputs(demo):
         assert phases == ["pretrain", "frozen", "fine-tune", "random-base", "scratch"], name
         for p in run["phases"]:
             assert len(p["epochs"]) >= 2 and all(e["step_ms"] > 0 for e in p["epochs"])
+
+
+def test_the_flax_run_is_part_of_the_demo_when_jax_is_installed(demo):
+    if not all(importlib.util.find_spec(m) for m in ("jax", "flax", "optax")):
+        pytest.skip("jax, flax and optax are not all installed")
+    assert "flax" in installed() and "flax" in demo[1]["runs"]
+
+
+def test_every_framework_trains_the_same_scalars_in_each_phase(demo):
+    _, summary, stdout = demo
+    runs = summary["runs"]
+    phases = summary["trainable"]["phases"]
+    assert list(phases) == ["pretrain", "frozen", "fine-tune", "random-base", "scratch"]
+    for name, counts in phases.items():
+        # The same spec on the same architecture selects the same parameters everywhere.
+        assert counts == {f: next(iter(counts.values())) for f in runs}, (name, counts)
+        for f, run in runs.items():
+            assert counts[f] == next(p["trainable"] for p in run["phases"] if p["phase"] == name)
+    assert summary["trainable"]["same"] is True
+    # phase 1 trains the new head, phase 2 also the top block's conv (bn="frozen" holds its BatchNorm)
+    assert (phases["frozen"][next(iter(runs))], phases["fine-tune"][next(iter(runs))]) == (260, 260 + 18_496)
+    line = summary["trainable"]["line"]
+    assert line in stdout
+    if len(runs) > 1:
+        assert line.startswith("same trainable scalars in ") and all(f in line for f in runs), line
+        assert "frozen 260 / fine-tune 18,756" in line, line
 
 
 def test_transfer_beats_training_from_scratch_and_the_random_base(demo):

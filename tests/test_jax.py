@@ -181,7 +181,7 @@ def test_linen_dict_frozen_leaves_are_bit_identical_under_adamw_and_have_no_stat
     for i in range(3):
         new, state = step(new, state, jax.random.normal(jax.random.key(i), (5, 3)))
     new, state = step.__wrapped__(new, state, jnp.ones((5, 3)))  # eagerly too: XLA may fold x + 0 under jit
-    trainable = llj.mask(params, spec)
+    trainable = llj.trainable_mask(params, spec)
     for old, now, keep in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(trainable)):
         assert keep or np.asarray(old).tobytes() == np.asarray(now).tobytes()  # bits, so -0.0 stays -0.0
     assert not np.array_equal(params["params"]["Dense_1"]["kernel"], new["params"]["Dense_1"]["kernel"])
@@ -190,6 +190,47 @@ def test_linen_dict_frozen_leaves_are_bit_identical_under_adamw_and_have_no_stat
 def test_linen_kinds_come_from_the_module_names():
     assert llj.plan(linen_params(), ll.freeze(kind="Dense")).frozen == (
         "params.Dense_0.kernel", "params.Dense_0.bias", "params.Dense_1.kernel", "params.Dense_1.bias")
+
+
+def test_linen_families_read_the_module_names():
+    assert llj.plan(linen_params(), ll.freeze(kind="family:dense")).frozen == llj.plan(
+        linen_params(), ll.freeze(kind="Dense")).frozen
+    assert llj.plan(linen_params(), ll.freeze(kind="family:norm")).frozen == (
+        "params.BatchNorm_0.scale", "params.BatchNorm_0.bias")
+
+
+def test_a_function_in_an_nnx_sequential_is_a_block_without_parameters():
+    r = nnx.Rngs(0)
+    model = nnx.Sequential(nnx.Linear(2, 3, rngs=r), nnx.relu, nnx.Linear(3, 3, rngs=r), nnx.Linear(3, 1, rngs=r))
+    tree = ll.backends.get_backend(model).tree(model)
+    assert tree.layer_paths == ["", "layers", "layers.0", "layers.1", "layers.2", "layers.3"]
+    assert ll.plan(model, ll.freeze(depth=2)).frozen == ("layers.0.kernel", "layers.0.bias")  # Linear, relu
+    assert ll.plan(model, ll.freeze(depth=-1)).trainable == ("layers.3.kernel", "layers.3.bias")
+    assert ll.plan(model, ll.freeze(depth=4)).trainable == ()
+
+
+def test_an_nnx_module_whose_only_child_is_a_sequential_counts_its_layers(net):
+    assert ll.plan(net, ll.freeze(depth=1, within="backbone")).frozen == (
+        "backbone.layers.0.kernel", "backbone.layers.0.bias")
+
+
+def test_depth_on_a_pytree_list_counts_its_functions_as_entries():
+    eqx = pytest.importorskip("equinox")
+    k = jax.random.split(jax.random.key(0), 2)
+    model = {"layers": [eqx.nn.Linear(2, 3, key=k[0]), jax.nn.relu, eqx.nn.Linear(3, 1, key=k[1])]}
+    plan = llj.plan(model, ll.freeze(depth=2))
+    assert plan.frozen == ("layers.0.weight", "layers.0.bias") and plan.blocks == {
+        "layers": ("layers.0", "layers.1", "layers.2")}
+    assert llj.plan(model, ll.freeze(depth=-1)).trainable == ("layers.2.weight", "layers.2.bias")
+
+
+def test_depth_on_an_equinox_mlp_counts_its_layers():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(2, 1, 8, depth=2, key=jax.random.key(0))
+    assert llj.plan(model, ll.freeze(depth=1)).frozen == ("layers.0.weight", "layers.0.bias")
+    assert llj.plan(model, ll.freeze(depth=-1)).trainable == ("layers.2.weight", "layers.2.bias")
+    with pytest.raises(ll.SpecError, match="has 3 blocks, the entries of 'layers'"):
+        llj.plan(model, ll.freeze(depth=4))
 
 
 def test_equinox_mlp_trains_only_the_last_layer_and_partition_combines_back():
@@ -216,7 +257,7 @@ def test_equinox_mlp_trains_only_the_last_layer_and_partition_combines_back():
     trainable, frozen = llj.partition(model, spec)
     assert trainable.layers[0].weight is None and frozen.layers[2].weight is None
     assert eqx.tree_equal(llj.combine(trainable, frozen), model)
-    assert eqx.tree_equal(eqx.combine(*eqx.partition(model, llj.mask(model, spec))), model)
+    assert eqx.tree_equal(eqx.combine(*eqx.partition(model, llj.trainable_mask(model, spec))), model)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -227,12 +268,12 @@ def test_equinox_mlp_trains_only_the_last_layer_and_partition_combines_back():
 ])
 def test_a_non_pytree_of_arrays_is_refused_with_what_was_received(bad, message):
     with pytest.raises(ll.BackendError, match=message):
-        llj.mask(bad, ll.freeze())
+        llj.trainable_mask(bad, ll.freeze())
 
 
 def test_a_pattern_matching_no_leaf_raises_no_match():
     with pytest.raises(ll.NoMatchError, match="Dense_9"):
-        llj.mask(linen_params(), ll.freeze("params.Dense_9"))
+        llj.trainable_mask(linen_params(), ll.freeze("params.Dense_9"))
 
 
 def test_a_pytree_is_not_a_model_for_apply():
@@ -321,3 +362,68 @@ def test_equinox_static_fields_and_batchnorm_state_are_not_parameters():
     assert llj.plan(conv, ll.freeze()).frozen == ("weight", "bias")
     bn = eqx.nn.BatchNorm(4, "batch", mode="batch")                  # without make_with_state: StateIndex
     assert llj.plan(bn, ll.freeze()).frozen == ("weight", "bias")
+
+
+# Masks whose polarity is in their name; plan's bn / frozen_mode; phase lr in NNX.
+
+def test_frozen_mask_is_the_inverse_of_trainable_mask_and_plugs_into_optax_freeze():
+    params = linen_params()
+    spec = ll.freeze(depth=2, within="params")
+    trainable, frozen = llj.trainable_mask(params, spec), llj.frozen_mask(params, spec)
+    assert jax.tree.leaves(frozen) == [not t for t in jax.tree.leaves(trainable)]
+    for tx in (optax.transforms.selective_transform(optax.adamw(1e-2, weight_decay=0.5), freeze_mask=frozen),
+               optax.chain(optax.transforms.freeze(frozen), optax.sgd(0.1))):
+        state = tx.init(params)
+        grads = jax.tree.map(jnp.ones_like, params)
+        new = optax.apply_updates(params, tx.update(grads, state, params)[0])
+        for old, now, is_frozen in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(frozen)):
+            assert np.array_equal(old, now) == is_frozen  # frozen leaves stay, trainable ones move
+
+
+def test_the_old_mask_name_warns_and_still_returns_the_trainable_mask():
+    params = linen_params()
+    with pytest.warns(DeprecationWarning, match="trainable_mask"):
+        old = llj.mask(params, ll.freeze("params.Dense_0"))
+    assert old == llj.trainable_mask(params, ll.freeze("params.Dense_0"))
+
+
+@pytest.mark.parametrize("which", ["trainable_mask", "frozen_mask"])
+def test_a_mask_given_where_the_spec_goes_is_refused_naming_both_polarities(which):
+    params = linen_params()
+    mask = getattr(llj, which)(params, ll.freeze("params.Dense_0"))
+    for call in (lambda: llj.partition(params, mask), lambda: llj.optimizer(optax.sgd(0.1), params, mask),
+                 lambda: llj.plan(params, mask)):
+        with pytest.raises(ll.SpecError, match="bool mask.*trainable_mask \\(True = trainable.*frozen_mask \\(True = frozen"):
+            call()
+
+
+def test_pytree_plan_bn_policies_decide_batchnorm_leaves_and_hold_nothing():
+    params = linen_params()
+    norm = ("params.BatchNorm_0.scale", "params.BatchNorm_0.bias")
+    assert llj.plan(params, ll.unfreeze(), bn="frozen").frozen == norm
+    assert llj.plan(params, ll.freeze(), bn="trainable").trainable == norm
+    assert llj.plan(params, ll.freeze("params"), bn="follow").held == ()  # a pytree has no inference mode
+    assert llj.frozen_mask(params, ll.unfreeze(), bn="frozen")["params"]["BatchNorm_0"] == {"bias": True, "scale": True}
+    with pytest.raises(ll.SpecError, match="bn must be one of"):
+        llj.plan(params, ll.freeze(), bn="eval")
+
+
+def test_pytree_bn_frozen_freezes_an_equinox_batchnorm():
+    eqx = pytest.importorskip("equinox")
+    k1, k2 = jax.random.split(jax.random.key(0))
+    model = eqx.nn.Sequential([eqx.nn.Linear(2, 4, key=k1), eqx.nn.BatchNorm(4, "batch", mode="batch"), eqx.nn.Linear(4, 1, key=k2)])
+    assert llj.plan(model, ll.unfreeze(), bn="frozen").frozen == ("layers.1.weight", "layers.1.bias")
+
+
+def test_pytree_frozen_mode_eval_is_refused_saying_what_to_do():
+    with pytest.raises(ll.SpecError, match="no inference-mode flag.*inference=True.*use_running_average"):
+        llj.plan(linen_params(), ll.freeze(), frozen_mode="eval")
+
+
+def test_nnx_freeze_scheduler_refuses_a_phase_lr_it_would_ignore(net):
+    opt = nnx.Optimizer(net, optax.adam(1e-2), wrt=llf.trainable)
+    schedule = ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze()}, lr={1: 1e-4})
+    with pytest.raises(ll.SpecError, match="layerlock.flax.FreezeScheduler.*epoch 1: lr=0.0001.*not supported by "
+                                           "this optimizer.*inject_hyperparams.*multi_transform"):
+        llf.FreezeScheduler(schedule, net, opt, log=None)
+    assert llf.is_trainable(net.backbone.layers[0].kernel)  # refused before anything changed

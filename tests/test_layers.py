@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "layerlock"
 # Bottom to top. `__init__` loads the public API lazily (PEP 562) and imports only `errors`.
 LAYERS = [
     {"errors", "_format"},
+    {"families"},                                    # layer families: kind="family:dense" (spec checks names)
     {"spec", "tree", "__init__"},
     {"results"},                                     # plain result values
     {"resolver"},                                    # the pure resolver
@@ -22,14 +23,14 @@ LAYERS = [
     {"backends.wrappers"},                           # DDP / compile / Accelerate / PEFT unwrapping
     {"backends.distributed"},                        # DDP / FSDP guards
     {"backends.torch", "backends.keras", "backends.flax", "backends.pytree"},  # translation tables
-    {"diagnostics", "diagnostics.torch", "diagnostics.keras"},   # ll.check per framework
+    {"diagnostics", "diagnostics.torch", "diagnostics.keras", "diagnostics.flax", "diagnostics.pytree"},  # ll.check
     {"operations"},                                  # plan, apply, summary, state, check
     {"testing"},                                     # conformance kit for backends (plugins too)
     {"stepper"},                                     # the runtime that steps a Schedule
     {"torch", "keras", "flax", "jax"},              # helpers per framework
     {"lightning", "transformers", "demo.config", "demo.data", "demo.report"},
     {"demo.torch_run"},
-    {"demo.keras_run"},
+    {"demo.keras_run", "demo.flax_run"},
     {"demo"},
     {"cli"},
 ]

@@ -67,3 +67,23 @@ def test_lightning_callback_fails_in_setup_on_a_typo(tmp_path):
     callback = FreezeScheduler(ll.Schedule({0: ll.freeze("nett")}))
     with pytest.raises(ll.NoMatchError, match="net"):
         trainer(1, [callback], default_root_dir=tmp_path, enable_checkpointing=False).fit(Module(), loader())
+
+
+def test_lightning_log_receives_each_transition(tmp_path):
+    lines = []
+    schedule = ll.Schedule({0: ll.freeze("net").unfreeze("net.2"), 1: ll.unfreeze()})
+    trainer(2, [FreezeScheduler(schedule, log=lines.append)], default_root_dir=tmp_path,
+            enable_checkpointing=False).fit(Module(), loader())
+    assert [line.split(":")[1].strip() for line in lines] == ["epoch 0", "epoch 1"]
+
+
+def test_lightning_verbose_still_works_for_one_release_with_a_deprecation_warning():
+    from layerlock.lightning import rank_zero_info
+
+    assert FreezeScheduler(ll.gradual(2))._log is rank_zero_info
+    with pytest.warns(DeprecationWarning, match="log=None"):
+        assert FreezeScheduler(ll.gradual(2), verbose=False)._log is None
+    with pytest.warns(DeprecationWarning):
+        assert FreezeScheduler(ll.gradual(2), verbose=True)._log is rank_zero_info
+    with pytest.raises(ll.SpecError, match="not both"):
+        FreezeScheduler(ll.gradual(2), log=print, verbose=True)

@@ -1,5 +1,6 @@
 """Resolving specs against framework-free trees: selectors, rule order, strictness, bn policies."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import layerlock as ll
-from layerlock.resolver import resolve
+from layerlock.resolver import blocks, resolve
 from layerlock.tree import Node, Param
 
 from .fake import FakeModel, resnetish
@@ -316,3 +317,135 @@ def test_the_gc_pause_covers_the_walk_and_the_resolution_but_not_the_backend(fak
     fake_backend.apply = lambda model, plan: (seen.setdefault("apply", gc.isenabled()), apply(model, plan))
     ll.apply(resnetish(), ll.freeze("backbone"))
     assert seen == {"tree": False, "apply": True} and gc.isenabled()
+
+
+# --- depth over lists of layers: one rule for every framework --------------------------------
+
+def lin(path, n=6):
+    return Node(path, "Linear", params=[Param(f"{path}.weight", n, True, path)])
+
+
+def entries(path, k, kind="List"):
+    """A list of ``k`` Linear layers at ``path`` (children ``path.0`` ... ``path.k-1``)."""
+    prefix = f"{path}." if path else ""
+    return Node(path, kind, children=[lin(f"{prefix}{i}") for i in range(k)])
+
+
+def test_a_layer_whose_only_child_is_a_list_counts_the_lists_entries():
+    root = Node("", "Sequential", children=[entries("layers", 4)])  # nnx.Sequential, eqx.nn.MLP, ...
+    plan = resolve(root, ll.freeze(depth=-1))
+    assert frozen_layers(plan) == ["layers.0", "layers.1", "layers.2"]
+    assert plan.blocks == {"layers": ("layers.0", "layers.1", "layers.2", "layers.3")}
+    assert blocks(root) == ["layers.0", "layers.1", "layers.2", "layers.3"]
+
+
+def test_a_list_among_other_children_stays_one_block():
+    root = Node("", "Net", children=[entries("layers", 4), lin("head")])
+    plan = resolve(root, ll.freeze(depth=1))
+    assert frozen_layers(plan) == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert plan.blocks == {} and blocks(root) == ["layers", "head"]
+
+
+def test_the_model_that_is_a_list_counts_its_children_as_before():
+    root = entries("", 3, kind="Sequential")  # torch's nn.Sequential
+    plan = resolve(root, ll.freeze(depth=2))
+    assert frozen_layers(plan) == ["0", "1"] and plan.blocks == {}
+
+
+@pytest.mark.parametrize("root", [
+    Node("", "Net", params=[Param("scale", 1, True, "s")], children=[entries("layers", 3)]),   # own parameters
+    Node("", "Net", children=[Node("body", "Block", children=[lin("body.a"), lin("body.b")])]),  # not 0, 1, ...
+    Node("", "Net", children=[Node("layers", "List", children=[lin("layers.0"), lin("layers.2")])]),  # a gap
+    Node("", "Net", children=[Node("layers", "List", params=[Param("layers.w", 2, True, "w")],
+                                   children=[lin("layers.0")])]),                               # the list has weights
+], ids=["own-parameters", "named-children", "index-gap", "list-with-parameters"])
+def test_only_a_parameterless_layer_over_a_parameterless_list_is_transparent(root):
+    assert blocks(root) == [c.path for c in root.children]
+    assert resolve(root, ll.freeze(depth=1)).blocks == {}
+
+
+def test_transparency_repeats_through_nested_lists_and_one_entry_lists():
+    nested = Node("", "Sequential", children=[entries("0", 3, kind="Sequential")])  # Sequential(Sequential(...))
+    assert blocks(nested) == ["0.0", "0.1", "0.2"]
+    deep = Node("", "Net", children=[Node("blocks", "List", children=[                # [nnx.Sequential(...)]
+        Node("blocks.0", "Sequential", children=[entries("blocks.0.layers", 2)])])])
+    assert blocks(deep) == ["blocks.0.layers.0", "blocks.0.layers.1"]
+    plan = resolve(deep, ll.freeze(depth=1))
+    assert frozen_layers(plan) == ["blocks.0.layers.0"]
+    assert plan.blocks == {"blocks.0.layers": ("blocks.0.layers.0", "blocks.0.layers.1")}
+
+
+def test_within_a_transparent_layer_counts_its_lists_entries_and_within_the_list_still_works():
+    root = Node("", "Net", children=[Node("encoder", "Encoder", children=[entries("encoder.layer", 4)]), lin("head")])
+    by_encoder = resolve(root, ll.freeze(depth=-1, within="encoder"))   # BertEncoder: its only child is `layer`
+    by_list = resolve(root, ll.freeze(depth=-1, within="encoder.layer"))
+    assert by_encoder.frozen == by_list.frozen == ("encoder.layer.0.weight", "encoder.layer.1.weight",
+                                                   "encoder.layer.2.weight")
+    assert by_encoder.blocks == {"encoder.layer": tuple(f"encoder.layer.{i}" for i in range(4))}
+    assert by_list.blocks == {}
+    assert blocks(root, "encoder") == blocks(root, "encoder.layer")
+
+
+def test_depth_past_a_lists_entries_names_the_entries_and_the_range():
+    root = Node("", "MLP", children=[entries("layers", 3)])
+    with pytest.raises(ll.SpecError, match=r"depth=4 but the model has 3 blocks, the entries of 'layers', "
+                                           r"\(layers\.0, layers\.1, layers\.2\); accepted: -3 to 3"):
+        resolve(root, ll.freeze(depth=4))
+
+
+def test_the_plan_prints_the_blocks_depth_counted_only_where_it_counted_a_lists_entries():
+    root = Node("", "Sequential", children=[entries("layers", 8)])
+    plan = resolve(root, ll.freeze(depth=-1))
+    assert "depth counted the 8 blocks of 'layers': layers.0, layers.1, layers.2, ..., layers.7" in str(plan)
+    assert plan.to_dict()["blocks"] == {"layers": [f"layers.{i}" for i in range(8)]}
+    plain = resolve(tree(), ll.freeze(depth=-1))
+    assert "depth counted" not in str(plain) and "blocks" not in plain.to_dict()
+    note = "depth counted the 8 blocks of 'layers': layers.0, layers.1, layers.2, ..., layers.7\n"
+    assert str(plan).replace(note, "") == str(dataclasses.replace(plan, blocks={}))  # one line more, nothing else
+
+
+# --- layer families -------------------------------------------------------------------------
+
+def kinds_tree(*kinds):
+    return Node("", "Net", children=[Node(f"l{i}", k, params=[Param(f"l{i}.w", 2, True, i)])
+                                     for i, k in enumerate(kinds)])
+
+
+def test_a_family_reads_the_backends_class_names():
+    root = kinds_tree("Conv1D", "Linear", "Dense", "Conv2d", "Conv2D")
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:dense"), backend="torch")) == ["l0", "l1"]
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:conv"), backend="torch")) == ["l3"]
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:dense"), backend="keras")) == ["l2"]
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:conv"), backend="tf_keras")) == ["l0", "l4"]
+
+
+def test_norm_is_batchnorm_and_layernorm_and_the_other_norms():
+    root = kinds_tree("BatchNorm2d", "LayerNorm", "GroupNorm", "LlamaRMSNorm", "Linear")
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:norm"), backend="torch")) == ["l0", "l1", "l2", "l3"]
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:batchnorm"), backend="torch")) == ["l0"]
+    assert frozen_layers(resolve(root, ll.freeze(kind="family:layernorm"), backend="torch")) == ["l1"]
+
+
+def test_a_family_selects_the_whole_layer_and_class_globs_still_work():
+    root = Node("", "Net", children=[
+        Node("attn", "BertAttention", children=[lin("attn.query"), Node("attn.ln", "LayerNorm", params=[
+            Param("attn.ln.weight", 4, True, "ln")])]), lin("head")])
+    plan = resolve(root, ll.freeze(kind="family:attention"), backend="torch")
+    assert plan.frozen == ("attn.query.weight", "attn.ln.weight")
+    assert resolve(root, ll.freeze(kind="Bert*"), backend="torch").frozen == plan.frozen
+    assert resolve(root, ll.freeze(kind=["family:dense", "LayerNorm"]), backend="torch").trainable == ()
+
+
+def test_a_family_that_matches_nothing_names_what_it_matches_here():
+    with pytest.raises(ll.NoMatchError, match=r"kind 'family:embedding' matches no layer; in torch it is the "
+                                              r"classes Embedding, EmbeddingBag, \*Embedding; this model's layer "
+                                              r"kinds: Net, Linear") as exc:
+        resolve(kinds_tree("Linear"), ll.freeze(kind="family:embedding"), backend="torch")
+    assert exc.value.pattern == "family:embedding"
+    with pytest.warns(ll.LayerlockWarning, match="family:embedding"):
+        assert resolve(kinds_tree("Linear"), ll.freeze(kind="family:embedding"), strict=False).frozen == ()
+
+
+def test_a_class_name_of_another_framework_points_to_the_family():
+    with pytest.raises(ll.NoMatchError, match="kind='family:dense' selects dense layers in every framework"):
+        resolve(kinds_tree("Linear"), ll.freeze(kind="Dense"), backend="torch")

@@ -68,16 +68,84 @@ def test_resuming_with_initial_epoch_matches_an_uninterrupted_run(tmp_path):
     schedule = ll.gradual(5)
     straight = blocks_model()
     straight.fit(x, y, batch_size=8, epochs=4, verbose=0, shuffle=False,
-                 callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+                 callbacks=[llk.FreezeScheduler(schedule, log=None)])
     first = blocks_model()
     first.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-              callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+              callbacks=[llk.FreezeScheduler(schedule, log=None)])
     first.save(tmp_path / "mid.keras")
     resumed = keras.models.load_model(tmp_path / "mid.keras")
     resumed.fit(x, y, batch_size=8, epochs=4, initial_epoch=2, verbose=0, shuffle=False,
-                callbacks=[llk.FreezeScheduler(schedule, verbose=0)])
+                callbacks=[llk.FreezeScheduler(schedule, log=None)])
     for a, b in zip(straight.weights, resumed.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_resuming_from_state_dict_brings_the_phase_back_before_fit_and_matches_an_uninterrupted_run(tmp_path):
+    import json
+
+    x, y = data()
+    schedule = ll.gradual(5, lr=1e-2, lr_decay=0.5)
+    straight = blocks_model()
+    straight.fit(x, y, batch_size=8, epochs=4, verbose=0, shuffle=False,
+                 callbacks=[llk.FreezeScheduler(schedule, log=None)])
+    first, callback = blocks_model(), llk.FreezeScheduler(schedule, log=None)
+    first.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[callback])
+    first.save(tmp_path / "mid.keras")
+    saved = json.loads(json.dumps(callback.state_dict()))            # travels as JSON next to the checkpoint
+    assert (saved["epoch"], saved["phase"]) == (1, 1)
+
+    resumed = keras.models.load_model(tmp_path / "mid.keras")
+    callback = llk.FreezeScheduler(schedule, log=None)
+    callback.set_model(resumed)
+    callback.load_state_dict(saved)
+    assert ll.plan(resumed, ll.Spec()).trainable == ll.plan(first, ll.Spec()).trainable  # the phase, before fit
+    resumed.fit(x, y, batch_size=8, epochs=4, initial_epoch=saved["epoch"] + 1, verbose=0, shuffle=False,
+                callbacks=[callback])
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_load_state_dict_sets_the_phase_learning_rate_like_initial_epoch():
+    schedule = ll.gradual(3, lr=1e-2, lr_decay=0.5)
+    model = blocks_model()
+    callback = llk.FreezeScheduler(schedule, log=None)
+    callback.set_model(model)
+    callback.load_state_dict({**callback.state_dict(), "epoch": 2, "phase": 2})
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2 * 0.5 ** 2)
+    assert callback.phase == 2
+
+
+def test_load_state_dict_refuses_another_schedule_or_structure_before_anything_changes():
+    model = blocks_model()
+    callback = llk.FreezeScheduler(ll.gradual(3), log=None)
+    with pytest.raises(ll.LayerlockError, match="set_model"):
+        callback.state_dict()
+    callback.set_model(model)
+    saved = {**callback.state_dict(), "epoch": 0, "phase": 0}
+    state = ll.snapshot(model)
+    other = llk.FreezeScheduler(ll.gradual(2), log=None)
+    other.set_model(model)
+    with pytest.raises(ll.LayerlockError, match="different schedule"):
+        other.load_state_dict(saved)
+    wider = keras.Sequential([keras.Input((6,)), keras.layers.Dense(7, name="b0"), keras.layers.Dense(3, name="head")])
+    elsewhere = llk.FreezeScheduler(ll.gradual(3), log=None)
+    elsewhere.set_model(wider)
+    with pytest.raises(ll.LayerlockError, match="another structure"):
+        elsewhere.load_state_dict(saved)
+    with pytest.raises(ll.LayerlockError, match="lacks"):
+        callback.load_state_dict({"epoch": 0})
+    assert ll.snapshot(model) == state
+
+
+def test_verbose_still_works_for_one_release_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="log=None"):
+        assert llk.FreezeScheduler(ll.gradual(2), verbose=0).log is None
+    with pytest.warns(DeprecationWarning):
+        assert llk.FreezeScheduler(ll.gradual(2), verbose=1).log is print
+    with pytest.raises(ll.SpecError, match="not both"):
+        llk.FreezeScheduler(ll.gradual(2), log=None, verbose=0)
+    with pytest.raises(ll.SpecError, match="log must be a callable"):
+        llk.FreezeScheduler(ll.gradual(2), log=0)
 
 
 def test_the_same_schedule_tests_pass_on_the_torch_keras_backend():

@@ -66,8 +66,9 @@ class Backend(Protocol):
     - ``weights(model)``: ``(path, trainable, bytes)`` for each unique parameter
       (:func:`layerlock.fingerprint`).
     - optional ``check``, a :class:`Check`: ``check(model, optimizer, *, scheduler, bn,
-      schedule)`` returns a list of :class:`~layerlock.results.Finding` (``kind``,
-      ``problem``, ``fix``, ``paths``, ``scalars``, ``bytes``). Without it
+      schedule)`` returns :class:`~layerlock.results.Finding` values (``kind``,
+      ``problem``, ``fix``, ``paths``, ``scalars``, ``bytes``) and, for what it could not
+      inspect, strings (``"the optimizer (pass optimizer= to ll.check)"``). Without it
       :func:`layerlock.check` reports the model as not checked, never as clean.
     - optional ``holds``, one of :data:`HOLDS`: which layers the backend can hold in
       inference mode. ``"any"`` (the default): norm layers and, for ``frozen_mode="eval"``,
@@ -96,12 +97,15 @@ class Backend(Protocol):
 
 
 class Check(Protocol):
-    """What :func:`layerlock.check` calls for a backend: read the set-up, change nothing,
-    return the problems found as :class:`~layerlock.Finding` values. A backend provides one
-    as its optional ``check`` method; the built-in backends' live in ``layerlock.diagnostics``."""
+    """What :func:`layerlock.check` calls for a backend: read the set-up, change nothing, and
+    return an iterable of what it found: a :class:`~layerlock.Finding` for each problem, and
+    a ``str`` for each thing it could not inspect (``"the optimizer (pass optimizer= to
+    ll.check)"``), which the report lists as "not checked: ..." so that it never passes for
+    clean. A backend provides one as its optional ``check`` method; the built-in backends'
+    live in ``layerlock.diagnostics``."""
 
     def __call__(self, model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
-                 schedule: Any = None) -> list[Finding]: ...
+                 schedule: Any = None) -> Iterable[Finding | str]: ...
 
 
 # backend name -> "module:function" of its diagnostics (loaded on the first ll.check).
@@ -109,6 +113,7 @@ _CHECKS: dict[str, str] = {
     "torch": "layerlock.diagnostics.torch:check",
     "keras": "layerlock.diagnostics.keras:check",
     "tf_keras": "layerlock.diagnostics.keras:check",
+    "flax": "layerlock.diagnostics.flax:check",
 }
 
 

@@ -3,7 +3,9 @@ inference-mode hold (``use_running_average`` / ``deterministic``) on held layers
 
 Paths are the module graph's attribute names and list indices joined with ``.``
 (``encoder.layers.0.attn.query.kernel``), children in definition order; a list or dict of modules is a layer of kind
-``List`` / ``Dict``, so ``ll.freeze(depth=2, within="layers")`` means ``layers[:2]``.
+``List`` / ``Dict``. A function in a list of layers (``nnx.relu`` in an ``nnx.Sequential``) is a
+layer without parameters too, so the list's entries are ``0``, ``1``, ... with none missing and
+``depth`` counts them as torch counts a ``Sequential``'s (``ll.freeze(depth=-1)`` trains the last).
 
 The trainable flag: a frozen ``nnx.Param`` carries the metadata ``layerlock_frozen=True``
 (``var.get_metadata("layerlock_frozen")``). Metadata is part of the Variable, so it survives
@@ -96,7 +98,9 @@ def walk(model: nnx.Module) -> Walk:
     def children(node: Any) -> Iterator[tuple[str, Any]]:
         # A generator: tree.build walks each child before asking for the next one.
         on_path.add(id(node))
-        yield from [(k, v) for k, v in _items(node) or () if id(v) not in on_path and _is_layer(v)]
+        entries = isinstance(node, (list, tuple, nnx.List))  # its functions are entries too: see above
+        yield from [(k, v) for k, v in _items(node) or () if id(v) not in on_path
+                    and (_is_layer(v) or (entries and callable(v) and not isinstance(v, (nnx.Variable, type))))]
         on_path.discard(id(node))
 
     def params(node: Any) -> list[tuple[str, nnx.Variable, int, bool]]:

@@ -4,9 +4,11 @@ to a :class:`~layerlock.tree.Tree` (every array leaf trainable), and a jax key p
 dotted path of that tree (what ``layerlock.jax`` matches leaves by).
 
 Paths are the dict keys, attribute names (Equinox fields) and list indices from the root,
-joined with ``.``. Every container is a layer. A layer's kind is an Equinox module's class
-name; for a dict entry named the way Flax linen names submodules (``Dense_0``), the name
-without its ``_<n>`` suffix; otherwise the container type. Each array occurrence is its own
+joined with ``.``. Every container is a layer, and so is a function in a list or tuple (a
+layer without parameters, like torch's ``ReLU`` in a ``Sequential``: a list's entries are
+``0``, ``1``, ... with none missing, which is what ``depth`` counts). A layer's kind is an
+Equinox module's class name; for a dict entry named the way Flax linen names submodules
+(``Dense_0``), the name without its ``_<n>`` suffix; otherwise the type. Each array occurrence is its own
 parameter (jax maps every leaf on its own, even one object reached twice). Leaves that are
 not arrays are refused, except an Equinox module's (an activation function, a static
 setting), which are never trainable.
@@ -69,7 +71,7 @@ def _items(node: Any) -> list[tuple[str, Any]]:
         return [(str(k), v) for k, v in node.items()]
     if isinstance(node, (list, tuple)):
         return [(str(i), v) for i, v in enumerate(node)]
-    if type(node).__name__ == "StateIndex":  # Equinox BatchNorm state: not parameters
+    if not _is_module(node) or type(node).__name__ == "StateIndex":  # a function entry; BatchNorm state
         return []
     # Static fields (an Equinox conv's kernel_size) are configuration, not leaves.
     return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)
@@ -80,8 +82,9 @@ def _children(entry: _Entry) -> Iterator[tuple[str, _Entry]]:
     # A generator: tree.build walks each child before asking for the next, so the first
     # leaf refused is the first in pre-order.
     prefix = entry.path + "." if entry.path else ""
+    entries = isinstance(entry.node, (list, tuple))
     for k, v in _items(entry.node):
-        if _is_container(v):
+        if _is_container(v) or (entries and callable(v) and not isinstance(v, type) and not is_array(v)):
             yield k, _Entry(prefix + k, k, v)
         elif v is not None and not is_array(v) and not _is_module(entry.node) and not callable(v):
             raise BackendError(f"leaf {prefix + k!r} is a {type(v).__name__} ({v!r:.40}), not an array; "

@@ -3,11 +3,11 @@
 Pretrain a small CNN on the *source* classes; phase 1 freezes its conv base and trains a
 new head on different *target* classes; phase 2 unfreezes the top block and fine-tunes at a
 lower learning rate. Two baselines get the same budget: the same head on a frozen *random*
-base, and the whole model trained from scratch. The same two specs, defined once below,
-drive PyTorch and Keras, whose models name their layers identically.
+base, and the whole model trained from scratch. The same two specs, defined once in
+:mod:`.config`, drive PyTorch, Keras and Flax NNX, whose models name their layers identically.
 
->>> sorted(FRAMEWORKS)
-['keras', 'torch']
+>>> FRAMEWORKS
+('torch', 'keras', 'flax')
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayerlockError
-from .config import DEFAULT, FINE_TUNE, FRAMEWORKS, FROZEN_BASE, QUICK
+from .config import DEFAULT, FINE_TUNE, FRAMEWORKS, FROZEN_BASE, QUICK, REQUIRES
+
 
 def installed() -> list[str]:
-    """Frameworks importable here, found without importing them.
+    """Frameworks whose modules are all importable here, found without importing them.
 
-    >>> set(installed()) <= {"torch", "keras"}
+    >>> set(installed()) <= set(FRAMEWORKS)
     True
     """
-    return [f for f in FRAMEWORKS if importlib.util.find_spec(f) is not None]
+    return [f for f in FRAMEWORKS if all(importlib.util.find_spec(m) is not None for m in REQUIRES[f])]
 
 
 def run(frameworks: list[str], *, quick: bool = False, out: str | Path = "layerlock-demo",
@@ -44,7 +45,7 @@ def run(frameworks: list[str], *, quick: bool = False, out: str | Path = "layerl
     if missing:
         raise LayerlockError(f"the demo needs {', '.join(missing)}, which is not installed here; "
                              f"installed: {', '.join(installed()) or 'none'} "
-                             "(pip install 'layerlock[torch]' or 'layerlock[tensorflow]')")
+                             "(pip install 'layerlock[torch]', 'layerlock[tensorflow]' or 'layerlock[jax]')")
     # OpenMP threads that spin while they wait make torch 10-30x slower on a busy machine
     # (measured: 480 ms instead of 16 ms per step); sleeping costs little when it is idle.
     # It only counts if set before torch is imported, which the runners do lazily.

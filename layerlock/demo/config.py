@@ -1,4 +1,5 @@
-"""What both halves of the demo share: the two specs and the run sizes.
+"""What every framework's half of the demo shares: the two specs, the run sizes, and the
+frameworks with the modules each needs.
 
 >>> FINE_TUNE
 Spec(freeze('base'), unfreeze('base.block3'))
@@ -12,11 +13,13 @@ from dataclasses import dataclass, replace
 
 from ..spec import freeze
 
-# The one spec of each phase, used unchanged by both frameworks.
+# The one spec of each phase, used unchanged by every framework.
 FROZEN_BASE = freeze("base")
 FINE_TUNE = FROZEN_BASE.unfreeze("base.block3")
 
-FRAMEWORKS = ("torch", "keras")
+# Each framework's runner (``<name>_run.py``) and the top-level modules it imports.
+REQUIRES = {"torch": ("torch",), "keras": ("keras",), "flax": ("jax", "flax", "optax")}
+FRAMEWORKS = tuple(REQUIRES)
 
 
 @dataclass(frozen=True)

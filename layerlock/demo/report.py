@@ -216,11 +216,57 @@ def summary_table(runs: dict[str, Recorder]) -> str:
             f"{v['paired_frozen_ms']:.2f} vs {v['paired_full_ms']:.2f} ms interleaved "
             f"({v['paired_speedup']:.1f}x faster), training {count(v['frozen_trainable'])} of "
             f"{count(v['full_trainable'])} scalars")
+    text.append(agreement_line(runs))
     return "\n".join(text)
 
 
+def trainable_by_phase(runs: dict[str, Recorder]) -> dict[str, dict[str, int]]:
+    """``{phase: {framework: trainable scalars}}``, phases in run order.
+
+    >>> a, b = Recorder("torch", echo=None, progress=False), Recorder("flax", echo=None, progress=False)
+    >>> _ = a.phase("frozen", "target", epochs=1, steps=1, trainable=260)
+    >>> _ = b.phase("frozen", "target", epochs=1, steps=1, trainable=260)
+    >>> trainable_by_phase({"torch": a, "flax": b})
+    {'frozen': {'torch': 260, 'flax': 260}}
+    """
+    out: dict[str, dict[str, int]] = {}
+    for rec in runs.values():
+        for p in rec.phases:
+            out.setdefault(p.name, {})[rec.framework] = p.trainable
+    return out
+
+
+def agreement_line(runs: dict[str, Recorder]) -> str:
+    """Whether every framework trained the same number of scalars in each phase (the same
+    spec on the same architecture must select the same parameters), with the counts.
+
+    >>> a, b = Recorder("torch", echo=None, progress=False), Recorder("flax", echo=None, progress=False)
+    >>> _ = a.phase("frozen", "target", epochs=1, steps=1, trainable=260)
+    >>> _ = b.phase("frozen", "target", epochs=1, steps=1, trainable=260)
+    >>> agreement_line({"torch": a, "flax": b})
+    'same trainable scalars in torch and flax, phase by phase: frozen 260'
+    >>> _ = b.phase("scratch", "target", epochs=1, steps=1, trainable=9)
+    >>> agreement_line({"torch": a, "flax": b})
+    'trainable scalars DIFFER between frameworks: scratch torch -, flax 9; the same in frozen 260'
+    """
+    phases = trainable_by_phase(runs)
+    names = [rec.framework for rec in runs.values()]
+    same = {p: next(iter(c.values())) for p, c in phases.items() if len(c) == len(names) and len(set(c.values())) == 1}
+    counts = " / ".join(f"{p} {count(n)}" for p, n in same.items())
+    if len(same) == len(phases):
+        if len(names) == 1:
+            return f"trainable scalars in {names[0]}, phase by phase: {counts}"
+        return f"same trainable scalars in {', '.join(names[:-1])} and {names[-1]}, phase by phase: {counts}"
+    differ = "; ".join(f"{p} " + ", ".join(f"{f} {count(c[f]) if f in c else '-'}" for f in names)
+                       for p, c in phases.items() if p not in same)
+    return f"trainable scalars DIFFER between frameworks: {differ}" + (f"; the same in {counts}" if same else "")
+
+
 def write_json(runs: dict[str, Recorder], config: dict[str, Any], path: Path) -> None:
+    phases = trainable_by_phase(runs)
     data = {"config": config,
+            "trainable": {"same": all(len(set(c.values())) == 1 and len(c) == len(runs) for c in phases.values()),
+                          "phases": phases, "line": agreement_line(runs)},
             "runs": {name: {"phases": [p.to_dict() for p in rec.phases], "verdict": verdict(rec)}
                      for name, rec in runs.items()}}
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -6,12 +6,13 @@ slots for.
 >>> import keras
 >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")])
 >>> check(model)
-[]
+['the optimizer (compile the model, or pass optimizer= to ll.check)']
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, NamedTuple
 
 from ..backends import get_backend
@@ -30,10 +31,11 @@ class Weight(NamedTuple):
 
 
 def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
-          schedule: Any = None) -> list[Finding]:
+          schedule: Any = None) -> list[Finding | str]:
     """The findings of :func:`layerlock.check` for a Keras model (reads, changes nothing).
-    ``optimizer`` defaults to the compiled model's; ``scheduler`` and ``schedule`` have no
-    Keras meaning."""
+    ``optimizer`` defaults to the compiled model's; without one, or while it has no list of
+    the variables it updates, a note says the optimizer was not checked. ``scheduler`` and
+    ``schedule`` have no Keras meaning."""
     backend = get_backend(model)
     walk = backend.walk(model)
     tree = walk.tree
@@ -45,9 +47,22 @@ def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str =
     if bn != "trainable":
         found += _norm_findings(walk)
     optimizer = compiled_optimizer(model) if optimizer is None else optimizer
-    if optimizer is not None:
-        found += _optimizer_findings(internals.held_slots(optimizer, variables), params)
-    return found
+    if optimizer is None:
+        return [*found, "the optimizer (compile the model, or pass optimizer= to ll.check)"]
+    held = internals.held_slots(optimizer, variables)
+    if held is None:
+        return [*found, _unlisted(optimizer)]
+    return [*found, *_optimizer_findings(held, params)]
+
+
+def _unlisted(optimizer: Any) -> str:
+    """Why an optimizer's variables could not be checked: it has no fixed list of them."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's slots live inside
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and isinstance(inner, tf_keras.optimizers.legacy.Optimizer):
+        return "the optimizer's variables (a legacy tf_keras optimizer keeps no list of the variables it updates)"
+    return ("the optimizer's variables (it is not built yet: Keras builds it on the variables trainable at the "
+            "first step; check again after it)")
 
 
 def _stale_finding(model: Any, params: list[Weight], variables: list[Any]) -> Finding | None:
@@ -98,10 +113,8 @@ def _norm_findings(walk: Walk) -> list[Finding]:
         tuple(moving))]
 
 
-def _optimizer_findings(held: list[list[Any] | None] | None, params: list[Weight]) -> list[Finding]:
+def _optimizer_findings(held: list[list[Any] | None], params: list[Weight]) -> list[Finding]:
     """Trainable variables a built optimizer does not update, frozen ones it keeps slots for."""
-    if held is None:
-        return []
     out = []
     missing = [p for p, slots in zip(params, held) if p.trainable and slots is None]
     if missing:

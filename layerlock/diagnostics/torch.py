@@ -6,6 +6,8 @@ stale DDP/FSDP1 wrappers, the compile recompile limit and LR schedulers that mis
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
 >>> [f.kind for f in check(net, torch.optim.SGD(net[1].parameters(), lr=0.1))]
 ['not-in-optimizer']
+>>> check(net)
+['the optimizer (pass optimizer= to ll.check)']
 """
 
 from __future__ import annotations
@@ -26,19 +28,21 @@ from ..results import Finding
 
 
 def check(model: nn.Module, optimizer: Any = None, *, scheduler: Any = None, bn: str = "follow",
-          schedule: Any = None) -> list[Finding]:
-    """The findings of :func:`layerlock.check` for a torch model (reads, changes nothing)."""
+          schedule: Any = None) -> list[Finding | str]:
+    """The findings of :func:`layerlock.check` for a torch model (reads, changes nothing);
+    without an ``optimizer``, a note that it was not checked."""
     root = unwrap(model)
     named = list(root.named_parameters())
     found = [f for f in (_wrapper_finding(model, named), _reentrant_finding(root), _compile_finding(model, schedule))
              if f is not None]
     if bn != "trainable":
         found += _norm_findings(root)
-    if optimizer is not None:
-        found += _optimizer_findings(unwrap_prepared(optimizer), named, unwrap_prepared(scheduler))
-    return found
+    if optimizer is None:
+        return [*found, NO_OPTIMIZER]
+    return [*found, *_optimizer_findings(unwrap_prepared(optimizer), named, unwrap_prepared(scheduler))]
 
 
+NO_OPTIMIZER = "the optimizer (pass optimizer= to ll.check)"
 # Schedulers that multiply every group's current rate (they also reach a group added later);
 # the others compute each rate from per-group lists and leave an added group's rate alone.
 _SCALES_EVERY_GROUP = ("StepLR", "MultiStepLR", "ExponentialLR", "ConstantLR", "LinearLR", "PolynomialLR")
