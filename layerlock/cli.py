@@ -411,7 +411,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=(*demo.FRAMEWORKS, "all", "both"), default=None, metavar="{"
                    + ",".join((*demo.FRAMEWORKS, "all")) + "}",
                    help="framework to run, or all (default: every installed one)")
-    d.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    d.add_argument("--quick", action="store_true", help="a smaller run, about half the work (what the tests run)")
     d.add_argument("--out", default="layerlock-demo", metavar="DIR",
                    help="where to write the results (default: ./layerlock-demo)")
     d.set_defaults(run=cmd_demo)

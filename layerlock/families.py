@@ -93,6 +93,11 @@ TABLE: dict[str, dict[str, tuple[str, ...]]] = {
 }
 INCLUDES: dict[str, tuple[str, ...]] = {"norm": ("batchnorm", "layernorm")}
 NAMES: tuple[str, ...] = tuple(TABLE)
+# family -> the family whose layers it does not reach into: the projections of an attention
+# layer are parts of that layer, not dense layers of the model. PyTorch's MultiheadAttention
+# keeps its input projection as a raw parameter while Keras, NNX and Equinox build it from
+# dense layers, so only "dense outside attention" means the same in every framework.
+OUTSIDE: dict[str, str] = {"dense": "attention"}
 # backend name -> the columns of TABLE it reads (the pytree backend holds Equinox and linen)
 COLUMNS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",), "keras": ("keras",), "tf_keras": ("keras",), "flax": ("nnx",),
@@ -156,6 +161,16 @@ def matcher(kind: str, backend: str) -> Callable[[str], bool]:
     related = {name, *INCLUDES.get(name, ()), *(parent for parent, subs in INCLUDES.items() if name in subs)}
     others = _regex(tuple(g for other in NAMES if other not in related for g in names(other, backend)))
     return lambda cls: compiled.fullmatch(cls) is not None and others.fullmatch(cls) is None
+
+
+def outside(kind: str) -> str | None:
+    """The ``family:`` kind whose subtrees family ``kind`` skips, or None.
+
+    >>> outside("family:dense"), outside("family:conv")
+    ('family:attention', None)
+    """
+    name = OUTSIDE.get(check(kind))
+    return None if name is None else PREFIX + name
 
 
 def family_of(cls: str) -> str | None:

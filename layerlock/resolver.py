@@ -160,10 +160,14 @@ class _Resolver:
     def select_kind(self, r: int, kind: str, label: str) -> None:
         family = families.is_family(kind)
         match = families.matcher(kind, self.backend) if family else matcher(kind)
-        kinds, hit, i = self.tree.kinds, False, 0
+        skipped = families.outside(kind) if family else None
+        skip = families.matcher(skipped, self.backend) if skipped else None
+        kinds, end, hit, i = self.tree.kinds, self.tree.end, False, 0
         while i < len(kinds):
             if match(kinds[i]):
                 i, hit = self.mark(i, r), True
+            elif skip is not None and skip(kinds[i]):
+                i = end[i]  # e.g. the projections inside an attention layer are not its dense layers
             else:
                 i += 1
         if hit:
@@ -193,7 +197,7 @@ class _Resolver:
                                    + (f"; closest containers: {', '.join(hint)}" if hint else ""),
                                    pattern=where, suggestions=hint))
             return None
-        return _through(self.tree, i)
+        return self.tree.blocks(i)
 
     def select_depth(self, r: int, rule: Rule, label: str) -> None:
         assert rule.depth is not None
@@ -258,7 +262,7 @@ def select(root: Node | Tree, patterns: Sequence[str], *, strict: bool = True, w
 
 def blocks(root: Node | Tree, within: str | None = None, *, strict: bool = True) -> list[str]:
     """Paths of the blocks ``depth`` counts: the children of ``within`` (or of the model),
-    or the entries of its list where it is transparent (see :func:`_through`).
+    or the entries of its list where it is transparent (see :meth:`Tree.blocks`).
 
     >>> from layerlock.tree import Node
     >>> blocks(Node("", "Net", children=[Node("a", "Linear"), Node("b", "Linear")]))
@@ -269,39 +273,6 @@ def blocks(root: Node | Tree, within: str | None = None, *, strict: bool = True)
     tree = Tree.of(root)
     found = _Resolver(tree, strict).container(within or "", f"within={within!r}")
     return [tree.layer_paths[c] for c in (found[1] if found else ())]
-
-
-def _is_sequence(tree: Tree, i: int, children: list[int]) -> bool:
-    """Layer ``i`` is a list of layers: no parameters of its own, and children named ``0``,
-    ``1``, ... in order (torch ModuleList / Sequential, nnx.List, a pytree list or tuple)."""
-    if not children or tree.first[i + 1] > tree.first[i]:
-        return False
-    paths = tree.layer_paths
-    return all(paths[c].rpartition(".")[2] == str(n) for n, c in enumerate(children))
-
-
-def _through(tree: Tree, i: int) -> tuple[int, list[int]]:
-    """The layer whose children are layer ``i``'s blocks, and those children.
-
-    A layer is transparent for depth when it has no parameters of its own and one child,
-    a list of layers (:func:`_is_sequence`): its blocks are that list's entries. So
-    ``nnx.Sequential`` / ``eqx.nn.Sequential`` (child ``layers``), ``eqx.nn.MLP`` and a torch
-    module whose only child is a ModuleList count their layers as torch's Sequential does.
-    This repeats while the container found is transparent, or is a one-entry list whose
-    entry is. A list among other children stays one block.
-    """
-    children = tree.children(i)
-    while len(children) == 1 and tree.first[i + 1] == tree.first[i]:
-        only = children[0]
-        inner = tree.children(only)
-        if _is_sequence(tree, only, inner):
-            i, children = only, inner
-        elif _is_sequence(tree, i, children) and len(inner) == 1 and tree.first[only + 1] == tree.first[only] \
-                and _is_sequence(tree, inner[0], tree.children(inner[0])):
-            i, children = only, inner  # a one-entry list whose entry is transparent: step into it
-        else:
-            break
-    return i, children
 
 
 def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",

@@ -280,11 +280,11 @@ class Summary:
     @classmethod
     def of(cls, root: Node | Tree) -> Summary:
         tree = Tree.of(root)
-        # one row per block depth counts (the children of tree.root), and a "(root)" row for
+        # one row per block depth counts (tree.blocks of tree.root), and a "(root)" row for
         # the parameters outside them (the model's own, or a wrapper's such as a prompt encoder)
         blocks: list[tuple[int, Sequence[int], bool]] = [
             (j, range(tree.first[j], tree.first[tree.end[j]]), any(tree.held[j:tree.end[j]]))
-            for j in tree.children(tree.root)]
+            for j in tree.blocks(tree.root)[1]]
         inside = {o for _, r, _ in blocks for o in r}
         rest = [o for o in range(len(tree.param_paths)) if o not in inside]
         if rest:

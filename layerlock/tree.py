@@ -140,6 +140,43 @@ class Tree:
             j = self.end[j]
         return out
 
+    def is_list(self, i: int, children: list[int]) -> bool:
+        """Layer ``i`` is a list of layers: no parameters of its own, and ``children`` named
+        ``0``, ``1``, ... in order (torch ModuleList / Sequential, nnx.List, a pytree list or tuple)."""
+        if not children or self.first[i + 1] > self.first[i]:
+            return False
+        paths = self.layer_paths
+        return all(paths[c].rpartition(".")[2] == str(n) for n, c in enumerate(children))
+
+    def blocks(self, i: int) -> tuple[int, list[int]]:
+        """The blocks of layer ``i`` (what ``depth`` counts): the layer whose children they
+        are, and those children.
+
+        A layer is transparent for depth when it has no parameters of its own and one child,
+        a list of layers (:meth:`is_list`): its blocks are that list's entries. So
+        ``nnx.Sequential`` / ``eqx.nn.Sequential`` (child ``layers``), ``eqx.nn.MLP`` and a torch
+        module whose only child is a ModuleList count their layers as torch's Sequential does.
+        This repeats while the container found is transparent, or is a one-entry list whose
+        entry is. A list among other children stays one block.
+
+        >>> t = Tree.of(Node("", "MLP", children=[Node("layers", "list", children=[
+        ...     Node("layers.0", "Linear"), Node("layers.1", "Linear")])]))
+        >>> t.blocks(0)
+        (1, [2, 3])
+        """
+        children = self.children(i)
+        while len(children) == 1 and self.first[i + 1] == self.first[i]:
+            only = children[0]
+            inner = self.children(only)
+            if self.is_list(only, inner):
+                i, children = only, inner
+            elif self.is_list(i, children) and len(inner) == 1 and self.first[only + 1] == self.first[only] \
+                    and self.is_list(inner[0], self.children(inner[0])):
+                i, children = only, inner  # a one-entry list whose entry is transparent: step into it
+            else:
+                break
+        return i, children
+
 
 @dataclass(eq=False, slots=True)
 class Walk:

@@ -20,8 +20,8 @@ the entries of ``model.layers`` of an ``nnx.Sequential`` / ``eqx.nn.Sequential``
 attributes of a module in definition order, and the top-level keys of a linen param dict.
 
 Plans read only a model's structure and shapes, so the weights are zeros: Keras layers get
-zeros initialisers, and the JAX models are built under ``jax.eval_shape`` and given numpy
-zeros (drawing random weights costs JAX a compilation per shape; built for real, the plans
+zeros initialisers, and the NNX and Equinox models are built under ``jax.eval_shape`` and
+given numpy zeros (drawing random weights costs JAX a compilation per shape; built for real, the plans
 are the same).
 
 Run as a script, it computes every cell of one framework and prints them as JSON on a line
@@ -396,7 +396,9 @@ def build_linen(arch: str) -> tuple[Any, list[str]]:
                 return nn.Dense(V)(nn.LayerNorm()(x))        # LayerNorm_0, Dense_0
 
         model, x = Transformer(), jnp.zeros((1, T), jnp.int32)
-    params = _zeros(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+    # initialised for real: jax.eval_shape (like any jax.tree.map) returns dicts with sorted
+    # keys, and a param dict's blocks are its keys in definition order
+    params = model.init(jax.random.key(0), x)["params"]
     return params, list(params)
 
 

@@ -26,6 +26,7 @@ What a framework cannot show is not compared, never silently:
   parameters, so the family legitimately matches nothing in a linen param dict; whether it
   matched (no "matches nothing" warning) is compared wherever dropout layers are layers.
 :data:`KNOWN` lists the cells a framework's own naming makes differ, each with its reason.
+No spec uses ``within=``: none is needed on the torch models.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ NEEDS = {"torch": ("torch",), "keras-tensorflow": ("keras", "tensorflow"), "kera
 # error it raises. Scalars: mlp 146 (Linear 40, BatchNorm 16, relu, Linear 72, Linear 18);
 # cnn 319 (conv 112, bn 8, relu, conv 148, pool, flatten, Linear 51); transformer 1386
 # (embed 80, blocks 2 x 600 = LayerNorm 16 + attention 288 + LayerNorm 16 + Linear 144 +
-# Linear 136, norm 16, head 90). `family:dense` is the dense layers outside attention (the
-# only reading every framework can agree on: torch's attention keeps its q/k/v projection as
-# raw tensors, the others as dense sublayers), so attention stays trainable under it.
+# Linear 136, norm 16, head 90). `family:dense` is the dense layers outside attention, so
+# attention stays trainable under it: the only reading every framework can agree on, since
+# each builds attention differently (torch keeps q/k/v as raw tensors beside a dense out_proj;
+# Keras, NNX and Equinox use four dense sublayers; linen's are named query/key/value/out, so a
+# param dict cannot tell they are dense); docs/spec.md defines the family that way.
 EXPECTED: dict[str, dict[str, Any]] = {
     "mlp": {
         "depth=1": (106, "FT_TT"), "depth=2": (90, "FFh_TT"), "depth=3": (90, "FFh_TT"),

@@ -433,7 +433,17 @@ def test_a_family_selects_the_whole_layer_and_class_globs_still_work():
     plan = resolve(root, ll.freeze(kind="family:attention"), backend="torch")
     assert plan.frozen == ("attn.query.weight", "attn.ln.weight")
     assert resolve(root, ll.freeze(kind="Bert*"), backend="torch").frozen == plan.frozen
-    assert resolve(root, ll.freeze(kind=["family:dense", "LayerNorm"]), backend="torch").trainable == ()
+    assert resolve(root, ll.freeze(kind=["family:dense", "LayerNorm"]), backend="torch").trainable == (
+        "attn.query.weight",)  # dense stops at attention layers (next test)
+
+
+def test_the_dense_family_stops_at_attention_layers():
+    """An attention layer's projections are parts of it: torch's MultiheadAttention keeps
+    them as raw tensors, so only "dense outside attention" means the same everywhere."""
+    root = Node("", "Net", children=[
+        Node("attn", "BertAttention", children=[lin("attn.query")]), lin("head")])
+    assert resolve(root, ll.freeze(kind="family:dense"), backend="torch").frozen == ("head.weight",)
+    assert resolve(root, ll.freeze(kind=["family:dense", "family:attention"]), backend="torch").trainable == ()
 
 
 def test_a_family_that_matches_nothing_names_what_it_matches_here():

@@ -274,7 +274,7 @@ def write_json(runs: dict[str, Recorder], config: dict[str, Any], path: Path) ->
 
 def plot(runs: dict[str, Recorder], path: Path) -> None:
     """Test accuracy per epoch of each target phase (the transfer phases end to end) and the
-    median step time of each phase, one row per framework."""
+    median step time of each phase (one scale for all), one row per framework."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,6 +298,9 @@ def plot(runs: dict[str, Recorder], path: Path) -> None:
         time_ax.bar(names, [p.step_ms for p in rec.phases], color=[colours[n] for n in names])
         time_ax.set(title=f"{rec.framework}: median wall time per step (ms)")
         time_ax.tick_params(axis="x", labelsize=8)
+    slowest = max((p.step_ms for rec in runs.values() for p in rec.phases if p.step_ms == p.step_ms), default=0)
+    for row in axes:  # one time scale for every framework, so that the rows compare at a glance
+        row[2].set_ylim(0, 1.1 * slowest or None)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
