@@ -136,7 +136,7 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
     keras.utils.set_random_seed(cfg.seed + 1)
     model = compile_(build(target.classes, base=model.get_layer("base")), cfg.head_lr)
     schedule = Schedule({0: FROZEN_BASE, cfg.frozen_epochs: FINE_TUNE}, lr={cfg.frozen_epochs: cfg.finetune_lr})
-    scheduler = llk.FreezeScheduler(schedule, bn=cfg.finetune_bn, verbose=0)  # type: ignore[arg-type]
+    scheduler = llk.FreezeScheduler(schedule, bn=cfg.finetune_bn, log=None)  # type: ignore[arg-type]
     fit(model, target, cfg, rec, {0: ("frozen", cfg.frozen_epochs),
                                   cfg.frozen_epochs: ("fine-tune", cfg.finetune_epochs)}, [scheduler])
 
