@@ -140,6 +140,23 @@ class Tree:
             j = self.end[j]
         return out
 
+    def frozen_norms(self) -> list[int]:
+        """Norm layers (each once, under its first path) with parameters of their own, all
+        frozen: the layers whose running statistics ``ll.check`` asks about.
+
+        >>> Tree.of(Node("", "Net", children=[Node("bn", "BatchNorm", norm=True,
+        ...     params=[Param("bn.scale", 3, False, 1)])])).frozen_norms()
+        [1]
+        """
+        seen: set[Hashable] = set()
+        out = []
+        for i, key in enumerate(self.layer_keys):
+            own = self.trainable[self.first[i]:self.first[i + 1]]
+            if self.norm[i] and own and not any(own) and key not in seen:
+                seen.add(key)
+                out.append(i)
+        return out
+
     def is_list(self, i: int, children: list[int]) -> bool:
         """Layer ``i`` is a list of layers: no parameters of its own, and ``children`` named
         ``0``, ``1``, ... in order (torch ModuleList / Sequential, nnx.List, a pytree list or tuple)."""

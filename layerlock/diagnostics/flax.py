@@ -157,13 +157,8 @@ def _norm_findings(model: nnx.Module) -> list[Finding]:
     ``use_running_average`` is off now (set by hand under layerlock's hold), or nothing
     holds the layer, so the next ``model.train()`` turns it off."""
     w = walk(model)
-    tree, seen, moving = w.tree, set(), []
-    for i, layer in enumerate(w.layers):
-        own = tree.trainable[tree.first[i]:tree.first[i + 1]]
-        if (tree.norm[i] and own and not any(own) and id(layer) not in seen
-                and (getattr(layer, "use_running_average", True) is False or getattr(layer, MODE, None) is None)):
-            seen.add(id(layer))
-            moving.append(tree.layer_paths[i])
+    moving = [w.tree.layer_paths[i] for i in w.tree.frozen_norms()
+              if getattr(w.layers[i], "use_running_average", True) is False or getattr(w.layers[i], MODE, None) is None]
     if not moving:
         return []
     return [Finding(

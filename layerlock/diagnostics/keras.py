@@ -96,12 +96,7 @@ def _norm_findings(walk: Walk) -> list[Finding]:
     says, so this takes flags that disagree: variable flags in Keras 3
     (``bn.gamma.trainable = False``), or in tf_keras a layer switched back on inside a frozen
     parent (whose flag hides its weights)."""
-    tree, seen, moving = walk.tree, set(), []
-    for i, layer in enumerate(walk.layers):
-        own = tree.trainable[tree.first[i]:tree.first[i + 1]]
-        if tree.norm[i] and own and layer.trainable and not any(own) and id(layer) not in seen:
-            seen.add(id(layer))
-            moving.append(tree.layer_paths[i])
+    moving = [walk.tree.layer_paths[i] for i in walk.tree.frozen_norms() if walk.layers[i].trainable]
     if not moving:
         return []
     return [Finding(
