@@ -113,7 +113,12 @@ def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict
     """The earlier results with the sections just measured replaced; each section keeps
     the date it was measured on (``meta.measured``)."""
     measured = old["meta"].setdefault("measured", {})
+    # the 1-minute load average at the start and end of this partial run, per section, so
+    # that the report can flag a section measured on a busier machine than the first run
+    loads = old["meta"].setdefault("load_avg_by_section", {})
+    start, end = new["meta"].get("machine", {}).get("load_avg_start"), new["meta"].get("load_avg_end")
     for section in sections:
+        loads[section] = [v[0] if v else None for v in (start, end)]
         if section in ("apply", "trainer", "import"):
             old[section] = new[section]
         else:

@@ -54,7 +54,7 @@ class Case:
     """A model to benchmark: ``build(size, key)`` returns a ``Backboned`` module."""
 
     name: str
-    build: Callable[[dict, Any], eqx.Module]
+    build: Callable[[dict, Any], "Backboned"]
     batch: Callable[[dict], tuple[jax.Array, jax.Array]]
     full: dict
     quick: dict
@@ -85,7 +85,7 @@ def _max_pool(x: jax.Array) -> jax.Array:  # CHW, 2x2 windows, stride 2
     return x.reshape(c, h // 2, 2, w // 2, 2).max(axis=(2, 4))
 
 
-def build_cnn(s: dict, key: Any) -> eqx.Module:
+def build_cnn(s: dict, key: Any) -> Backboned:
     """The torch ``cnn`` case (CHW per example): 4 stages of 2 conv-BN-ReLU, max-pool,
     global mean."""
     layers: list[Any] = []
@@ -128,7 +128,7 @@ class EncoderLayer(eqx.Module):
         return jax.vmap(self.norm2)(x + self.dropout(jax.vmap(self.linear2)(h), key=k4))
 
 
-def build_transformer(s: dict, key: Any) -> eqx.Module:
+def build_transformer(s: dict, key: Any) -> Backboned:
     *keys, head = jax.random.split(key, s["layers"] + 1)
     encoder = eqx.nn.Sequential([EncoderLayer(s["d"], s["heads"], k) for k in keys])
     return Backboned(encoder, eqx.nn.Linear(s["d"], 10, key=head), lambda h: h.mean(axis=0))

@@ -263,11 +263,17 @@ def plot_apply(results: dict[str, Any], path: Path) -> None:
 
 # --- document --------------------------------------------------------------------------
 
+def _when(section: str, date: str, meta: dict[str, Any]) -> str:
+    """When a section of a partial run was measured, with its load average if recorded."""
+    loads = [x for x in meta.get("load_avg_by_section", {}).get(section, ()) if x is not None]
+    return f"{section} on {date}" + (f", load average {_load(loads)}" if loads else "")
+
+
 def section(results: dict[str, Any], img: str) -> list[str]:
     """Everything measured on one device."""
     meta = results["meta"]
     measured = meta.get("measured", {})
-    dates = "; ".join(f"{k} on {v}" for k, v in measured.items() if v != meta["date"])
+    dates = "; ".join(_when(k, v, meta) for k, v in measured.items() if v != meta["date"])
     out = [f"Measured {meta['date']}{f' ({dates})' if dates else ''} on **{meta['device_name']}** ({meta['device']}); "
            f"{meta['machine']['cores']} cores, {meta['threads']} intra-op threads per framework, "
            f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; load average "
@@ -471,6 +477,7 @@ def notes(results: dict[str, Any]) -> list[str]:
     """Observations that follow from the numbers: contention and where apply's time goes."""
     meta, items = results["meta"], list(results["meta"].get("notes", []))
     loads = [v[0] for v in (meta["machine"].get("load_avg_start"), meta.get("load_avg_end")) if v]
+    loads += [v for pair in meta.get("load_avg_by_section", {}).values() for v in pair if v is not None]
     cores = meta["machine"].get("cores") or 1
     if loads and max(loads) > cores:
         spread = [m["iqr"] / m["median"] for d in results["steps"].values()

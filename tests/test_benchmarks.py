@@ -129,13 +129,16 @@ def test_a_partial_run_of_new_suites_keeps_the_other_suites_rows():
     old = {"meta": {"date": "d1", "versions": {}, "elapsed_s": {}},
            "steps": {"torch": {"cases": 1}, "jax": {"cases": 2}}, "memory": {"torch": {"cnn": {}}},
            "apply": {}, "import": {}}
-    new = {"meta": {"date": "d2", "versions": {}, "elapsed_s": {"steps equinox": 5, "total": 5}},
+    new = {"meta": {"date": "d2", "versions": {}, "elapsed_s": {"steps equinox": 5, "total": 5},
+                    "machine": {"load_avg_start": [1.5, 1, 1]}, "load_avg_end": [4.5, 2, 1]},
            "steps": {"keras-jax": {"cases": 3}, "equinox": {"cases": 4}}, "memory": {"equinox": {"cnn": {}}},
            "apply": {}, "import": {}}
     out = merge(old, new, ["keras-jax", "equinox"])
     assert out["steps"] == {"torch": {"cases": 1}, "jax": {"cases": 2}, "keras-jax": {"cases": 3},
                             "equinox": {"cases": 4}}
     assert out["memory"] == {"torch": {"cnn": {}}, "keras-jax": {}, "equinox": {"cnn": {}}}
+    # a section measured on a busier machine says so in the report
+    assert out["meta"]["load_avg_by_section"] == {"keras-jax": [1.5, 4.5], "equinox": [1.5, 4.5]}
 
 
 def test_tiny_keras_jax_grid_runs_in_its_own_process_and_renders(tmp_path):
