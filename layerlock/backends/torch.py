@@ -108,7 +108,6 @@ class TorchBackend:
         end, first, param_paths, numels = tree.end, tree.first, tree.param_paths, tree.numels
         trainable, param_keys, owner = tree.trainable, tree.param_keys, tree.owner
         norm_types = internals.norm_types()
-        own_parameters, own_modules = internals.own_parameters, internals.own_modules
         tensors: list[nn.Parameter] = []
         parameter = nn.Parameter
 
@@ -136,6 +135,7 @@ class TorchBackend:
             end[i] = len(layer_paths)
 
         root = unwrap(model)
+        own_parameters, own_modules = internals.readers(root)
         build("", root)
         first.append(len(param_paths))
         if "peft" in sys.modules and hasattr(root, "peft_config"):  # PEFT sets peft_config on what it wraps

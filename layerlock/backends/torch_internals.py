@@ -31,6 +31,7 @@ torch is imported by the backend that uses this module; nothing here imports it 
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,14 @@ def own_parameters(module: Any) -> dict[str, Any]:
 def own_modules(module: Any) -> dict[str, Any]:
     """The module's direct submodules by name (None entries included)."""
     return _own(module, "_modules")
+
+
+def readers(root: Any) -> tuple[Callable[[Any], dict[str, Any]], Callable[[Any], dict[str, Any]]]:
+    """Fast readers of a module's own parameters and submodules for a walk from ``root``,
+    after checking the layout on ``root`` (every module of one torch has the same): C-level
+    attribute getters, since the walk calls them for every module of the model."""
+    own_parameters(root), own_modules(root)
+    return operator.attrgetter("_parameters"), operator.attrgetter("_modules")
 
 
 def norm_types() -> tuple[type, ...]:
