@@ -41,7 +41,7 @@ import optax
 import layerlock as ll
 import layerlock.jax as llj
 
-from .measure import SIZES, Step
+from .measure import SIZES, Step, image_arrays, sequence_arrays
 
 BACKBONE = "backbone"
 MODES = ("full", "layerlock", "hand", "mask", "hand_mask", "limit")
@@ -135,15 +135,11 @@ def build_transformer(s: dict, key: Any) -> Backboned:
 
 
 def image_batch(s: dict) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.standard_normal((s["batch"], 3, s["hw"], s["hw"]), dtype=np.float32)),
-            jnp.asarray(rng.integers(0, 10, s["batch"])))
+    return tuple(map(jnp.asarray, image_arrays(s, channels_last=False)))  # type: ignore[return-value]
 
 
 def sequence_batch(s: dict) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.standard_normal((s["batch"], s["seq"], s["d"]), dtype=np.float32)),
-            jnp.asarray(rng.integers(0, 10, s["batch"])))
+    return tuple(map(jnp.asarray, sequence_arrays(s)))  # type: ignore[return-value]
 
 
 CASES = {c.name: c for c in [

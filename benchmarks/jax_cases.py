@@ -33,7 +33,7 @@ from flax import nnx
 import layerlock as ll
 import layerlock.flax as llf
 
-from .measure import SIZES, Step
+from .measure import SIZES, Step, image_arrays, sequence_arrays
 
 BACKBONE = "backbone"
 MODES = ("full", "layerlock", "mask", "limit")
@@ -101,15 +101,11 @@ def build_transformer(s: dict, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def image_batch(s: dict) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.standard_normal((s["batch"], s["hw"], s["hw"], 3), dtype=np.float32)),
-            jnp.asarray(rng.integers(0, 10, s["batch"])))
+    return tuple(map(jnp.asarray, image_arrays(s)))  # type: ignore[return-value]
 
 
 def sequence_batch(s: dict) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.standard_normal((s["batch"], s["seq"], s["d"]), dtype=np.float32)),
-            jnp.asarray(rng.integers(0, 10, s["batch"])))
+    return tuple(map(jnp.asarray, sequence_arrays(s)))  # type: ignore[return-value]
 
 
 CASES = {c.name: c for c in [

@@ -30,7 +30,7 @@ import numpy as np
 
 import layerlock as ll
 
-from .measure import SIZES, Step
+from .measure import SIZES, Step, image_arrays, sequence_arrays
 
 BACKBONE = "backbone"
 MODES = ("full", "layerlock", "hand", "limit", "layerlock_eval", "features")
@@ -88,16 +88,7 @@ def build_mobilenet(s: dict) -> keras.Model:
     return _wrap(backbone, keras.layers.Dense(10, name="head"), shape)
 
 
-def image_batch(s: dict) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (rng.standard_normal((s["batch"], s["hw"], s["hw"], 3), dtype=np.float32),
-            rng.integers(0, 10, s["batch"]))
-
-
-def sequence_batch(s: dict) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (rng.standard_normal((s["batch"], s["seq"], s["d"]), dtype=np.float32),
-            rng.integers(0, 10, s["batch"]))
+image_batch, sequence_batch = image_arrays, sequence_arrays
 
 
 CASES = {c.name: c for c in [

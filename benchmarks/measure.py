@@ -30,6 +30,23 @@ SIZES = {
 }
 
 
+def image_arrays(s: dict, *, channels_last: bool = True) -> tuple[Any, Any]:
+    """One seeded batch of images (NHWC, or NCHW) and labels, as numpy arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (s["batch"], s["hw"], s["hw"], 3) if channels_last else (s["batch"], 3, s["hw"], s["hw"])
+    return rng.standard_normal(shape, dtype=np.float32), rng.integers(0, 10, s["batch"])
+
+
+def sequence_arrays(s: dict) -> tuple[Any, Any]:
+    """One seeded batch of token features and labels, as numpy arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((s["batch"], s["seq"], s["d"]), dtype=np.float32), rng.integers(0, 10, s["batch"])
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median and interquartile range of per-step times (seconds)."""
     q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
