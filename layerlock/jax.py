@@ -45,11 +45,6 @@ from .spec import Spec
 
 __all__ = ["trainable_mask", "frozen_mask", "partition", "combine", "optimizer", "carry_state", "plan", "check"]
 
-# The norm layers of a pytree, by kind: what the ``bn`` policy governs (layers with running
-# statistics; Equinox keeps those in eqx.nn.State, linen in the batch_stats collection).
-NORM_KINDS = frozenset({"BatchNorm"})
-
-
 def plan(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
          frozen_mode: str | None = None) -> Plan:
     """The :class:`~layerlock.Plan` of ``spec`` on a pytree (every array starts trainable).
@@ -73,9 +68,7 @@ def plan(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
                         "inference-mode flag for layerlock to set: run the frozen part in inference mode "
                         "yourself (inference=True when calling an Equinox model, use_running_average=True / "
                         "deterministic=True in linen's apply). Accepted here: frozen_mode=None")
-    t = pytree.tree(tree)
-    t.norm = [norm or kind in NORM_KINDS for norm, kind in zip(t.norm, t.kinds)]
-    return resolve(t, spec, strict=strict, bn=bn, backend="jax", holds="none")
+    return resolve(pytree.tree(tree), spec, strict=strict, bn=bn, backend="jax", holds="none")
 
 
 def _refuse_mask(spec: Any) -> None:

@@ -95,12 +95,19 @@ def _params(entry: _Entry) -> list[tuple[str, Any, int, bool]]:
     return [(k, v, int(np.prod(v.shape)), True) for k, v in _items(entry.node) if is_array(v)]
 
 
+# The norm layers of a pytree, by kind: what the ``bn`` policy governs (layers with running
+# statistics; Equinox keeps those in eqx.nn.State, linen in the batch_stats collection).
+NORM_KINDS = frozenset({"BatchNorm"})
+
+
 def _describe(entry: _Entry) -> tuple[str, bool, bool]:
     node = entry.node
     if _is_module(node):
-        return type(node).__name__, False, False
-    match = _LINEN_NAME.fullmatch(entry.name) if isinstance(node, Mapping) else None
-    return (match.group(1) if match else type(node).__name__), False, False
+        kind = type(node).__name__
+    else:
+        match = _LINEN_NAME.fullmatch(entry.name) if isinstance(node, Mapping) else None
+        kind = match.group(1) if match else type(node).__name__
+    return kind, kind in NORM_KINDS, False
 
 
 def tree(pytree: Any) -> Tree:
