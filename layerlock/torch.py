@@ -26,89 +26,42 @@ from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
 from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
-from .resolver import BnPolicy, blocks, select
+from .rates import rates
+from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .spec import Spec
 from .stepper import LoopScheduler
-from .tree import Tree
 
 __all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
            "check_ranks", "unwrap", "TorchBackend"]
-
-
-def _block_ids(tree: Tree, within: str | None, strict: bool) -> tuple[list[int], int]:
-    """The block number of each parameter occurrence (0 = bottom) and the top number.
-
-    Without ``within``, blocks are the model's children. With it, parameters before the
-    container are block 0, its children are blocks 1..n, and parameters after it are n+1.
-    """
-    paths = blocks(tree, within, strict=strict)
-    ids = select(tree, paths, strict=strict, what=f"layer_decay block of {within or 'the model'}")
-    if within is None:
-        return [max(i, 0) for i in ids], max(len(paths) - 1, 0)
-    out, seen_container = [], False
-    for i in ids:
-        seen_container |= i >= 0
-        out.append(i + 1 if i >= 0 else len(paths) + 1 if seen_container else 0)
-    return out, len(paths) + 1
 
 
 def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, float] | None = None,
                  weight_decay: float | None = None, no_decay: str | Sequence[str] = (),
                  layer_decay: float | None = None, within: str | None = None,
                  strict: bool = True) -> list[dict[str, Any]]:
-    """Optimizer param groups for the trainable parameters only, named for resuming.
+    """Optimizer param groups for the trainable parameters only, named for resuming, with
+    the rates of :func:`layerlock.rates` (``ll.rates(model, lr, ...)`` shows them as a table).
 
     ``lr_mult={pattern: factor}``: discriminative rates, the last matching pattern wins.
     ``no_decay``: patterns whose parameters get ``weight_decay=0`` (biases, norms).
     ``layer_decay=0.75``: the top block gets ``lr`` and each block k below it ``lr * 0.75**k``
-    (BEiT/timm); blocks are the model's children, or ``within``'s children with what comes
-    before the container at the bottom and what comes after it on top.
-    Patterns mean what they mean in a spec (a layer path selects its subtree) and a pattern
-    that matches nothing raises :class:`~layerlock.NoMatchError` (``strict=False``: a warning).
+    (BEiT/timm), blocks counted as ``ll.freeze(depth=...)`` counts them; with ``within``,
+    that container's blocks, with what comes before it at the bottom and after it on top.
+    A pattern that matches nothing raises :class:`~layerlock.NoMatchError` (``strict=False``:
+    a warning).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> [(g["name"], g["lr"]) for g in param_groups(net, 1.0, layer_decay=0.5)]
     [('block0', 0.5), ('block1', 1.0)]
     """
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise SpecError(f"lr must be a number > 0; received {lr!r}")
-    mults = dict(lr_mult or {})
-    for pattern, factor in mults.items():
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
-            raise SpecError(f"lr_mult[{pattern!r}] must be a number >= 0; received {factor!r}")
-    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
-        raise SpecError(f"layer_decay must be a number in (0, 1]; received {layer_decay!r}")
-    no_decay = (no_decay,) if isinstance(no_decay, str) else tuple(no_decay)
-    patterns = list(mults)
-    tree = Tree.of(get_backend(model).tree(model))
-    mult_of = select(tree, patterns, strict=strict, what="lr_mult")
-    decay_of = select(tree, no_decay, strict=strict, what="no_decay")
-    block_of, top = _block_ids(tree, within, strict) if layer_decay is not None else (None, 0)
+    table = rates(model, lr, lr_mult=lr_mult, weight_decay=weight_decay, no_decay=no_decay,
+                  layer_decay=layer_decay, within=within, strict=strict)
     tensors = dict(unwrap(model).named_parameters(remove_duplicate=False))
-    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    seen: set[Any] = set()
-    for o, name in enumerate(tree.param_paths):
-        if not tree.trainable[o] or tree.param_keys[o] in seen:
-            continue
-        seen.add(tree.param_keys[o])
-        i = mult_of[o]
-        mult = mults[patterns[i]] if i >= 0 else 1.0
-        block = None if block_of is None else block_of[o]
-        if block is not None:
-            mult *= layer_decay ** (top - block)  # type: ignore[operator]
-        decay = 0.0 if decay_of[o] >= 0 else weight_decay
-        key = (block, patterns[i] if i >= 0 else None, decay)
-        if key not in groups:
-            label = [f"block{block}" if block is not None else "",
-                     f"lr_mult[{patterns[i]}]" if i >= 0 else "",
-                     "no_decay" if decay == 0.0 and weight_decay else ""]
-            groups[key] = {"name": "/".join(x for x in label if x) or "default", "params": [],
-                           "lr": lr * mult, **({} if decay is None else {"weight_decay": decay})}
-        groups[key]["params"].append((name, tensors[name]))
-    return list(groups.values())
+    return [{**{k: v for k, v in group.items() if k != "paths"},
+             "params": [(name, tensors[name]) for name in group["paths"]]} for group in table.groups]
 
 
 def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, lr: float | None = None,
