@@ -24,7 +24,8 @@ from .worker import KERAS_SUITES
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEP_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax", "equinox")
-SECTIONS = (*STEP_SUITES, "apply", "trainer", "import")
+SECTIONS = (*STEP_SUITES, "apply", "rates", "trainer", "import")
+RATE_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
 IMPORT_REPS = {True: 10, False: 40}
@@ -119,7 +120,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict
     start, end = new["meta"].get("machine", {}).get("load_avg_start"), new["meta"].get("load_avg_end")
     for section in sections:
         loads[section] = [v[0] if v else None for v in (start, end)]
-        if section in ("apply", "trainer", "import"):
+        if section in ("apply", "rates", "trainer", "import"):
             old[section] = new[section]
         else:
             old["steps"][section] = new["steps"][section]
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "device": device, "device_name": env.device_name(device), "machine": env.machine(),
                  "versions": env.versions(), "threads": args.threads,
                  "omp_wait_policy": worker_env("torch", device)["OMP_WAIT_POLICY"]},
-        "steps": {}, "memory": {}, "apply": {}, "trainer": {}, "import": {}, "skipped": {}}
+        "steps": {}, "memory": {}, "apply": {}, "rates": {}, "trainer": {}, "import": {}, "skipped": {}}
     suites = [s for s in STEP_SUITES if s in args.only]
     elapsed = results["meta"]["elapsed_s"] = {}
     clock = time.perf_counter()
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> Path:
         elapsed[task] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("trainer" in args.only) + ("import" in args.only),
+    with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("rates" in args.only) * len(RATE_SUITES)
+              + ("trainer" in args.only) + ("import" in args.only),
               desc="benchmarks", unit="task") as bar:
         for suite in suites:
             bar.set_postfix_str(f"steps {suite}")
@@ -185,6 +187,14 @@ def main(argv: list[str] | None = None) -> Path:
                 bar.set_postfix_str(f"apply {suite}")
                 results["apply"][suite] = run_worker("apply", suite, [], args, "cpu")
                 lap(f"apply {suite}")
+                bar.update()
+        if "rates" in args.only:
+            for suite in RATE_SUITES:
+                bar.set_postfix_str(f"rates {suite}")
+                why = framework_missing(suite)
+                results["rates"][suite] = {"error": why} if why else run_worker(
+                    "rates", suite, [], args, suite_device(suite, device))
+                lap(f"rates {suite}")
                 bar.update()
         if "trainer" in args.only:
             bar.set_postfix_str("Hugging Face Trainer")

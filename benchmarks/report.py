@@ -151,6 +151,13 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     v = _ratios(results, "torch", "eval/frozen", ("transformer",))
     rows.append(["frozen_mode='eval' ≤ 0.5× frozen train-mode step (torch Transformer)", _span(v),
                  _verdict(None if not v else max(v) <= 0.5, f"{max(v or [0]):.2f}×")])
+    for suites, mode, bound in ((("torch",), "layerlock", 1.01),
+                                (("keras-tf", "keras-torch", "keras-jax"), "layerlock", 1.03),
+                                (("jax",), "groups", 1.02), (("jax",), "per_leaf", 1.02)):
+        v = [r for s in suites if (r := results.get("rates", {}).get(s, {}).get("ratios", {}).get(mode))]
+        rows.append([f"per-parameter rates ({', '.join(suites)}: {RATE_MODES[mode]}) ≤ {bound}× its baseline",
+                     "not run" if not v else " / ".join(f"{x:.3f}" for x in v),
+                     _verdict(None if not v else max(v) <= bound, f"{max(v or [0]):.3f}×")])
     mem = memory_ratios(results)
     worse = [f"{k} {r:.3f}×" for k, r in mem.items() if r > 1 + MEM_SLACK]
     rows.append([f"peak memory, layerlock ≤ hand (peak ÷ hand, {MEM_SLACK:.0%} noise allowed)",
@@ -299,6 +306,8 @@ def section(results: dict[str, Any], img: str) -> list[str]:
                 f"{'n/a' if g is None else f'{g:.2f}×'}, the hand loop {'n/a' if h is None else f'{h:.2f}×'} "
                 "in the same run.", "",
                 f"![apply overhead]({img}-apply.png)", ""]
+    if results.get("rates"):
+        out += ["### Per-parameter learning rates", ""] + rates_section(results["rates"])
     if trainer := results.get("trainer"):
         out += ["### Hugging Face Trainer callback", ""] + trainer_section(trainer)
     imp = results["import"]
@@ -322,6 +331,28 @@ def trainer_section(data: dict[str, Any]) -> list[str]:
             table(["callback", "median step ms", "mean step ms", "transition steps ms"], rows), "",
             f"layerlock ÷ hand: **{data['step/hand']:.2f}×** per step (median), "
             f"{data['mean step/hand']:.2f}× on the mean that includes the two transitions.", ""]
+
+
+RATE_MODES = {"plain": "plain optimizer, one rate", "hand": "param groups built by hand",
+              "layerlock": "layerlock rates", "groups": "`layerlock.jax.multi_transform` over the groups",
+              "per_leaf": "`optax.chain(tx, layerlock.jax.scale_by_rates())`"}
+
+
+def rates_section(rates: dict[str, Any]) -> list[str]:
+    """Step time with layer-wise decay rates, per suite, over the suite's baseline."""
+    rows = []
+    for suite, data in rates.items():
+        if "modes" not in data:
+            rows.append([suite, "not run", data.get("error", "unknown").splitlines()[0], ""])
+            continue
+        for mode, v in data["modes"].items():
+            r = data["ratios"].get(mode)
+            rows.append([suite, RATE_MODES.get(mode, mode), _ms(v["median"]),
+                         "baseline" if mode == data["baseline"] else _x(r)])
+    return ["Transformer case, AdamW, layer-wise decay 0.75 per encoder layer (one rate per layer); "
+            "each mode against its suite's baseline (torch: the same groups built by hand; "
+            "elsewhere: the plain optimizer), modes interleaved in one run.", "",
+            table(["suite", "mode", "median step ms", "÷ baseline"], rows), ""]
 
 
 def _load(values: list[float] | None) -> str:

@@ -8,6 +8,7 @@ SUITE is torch, keras-tf, keras-torch, keras-jax, jax (Flax NNX) or equinox (Equ
 modules through ``layerlock.jax``).
     python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
     python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
+    python -m benchmarks.worker rates SUITE OUT.json [--quick] ...   (per-parameter learning rates)
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     return overhead.run(args.suite, args.quick)
 
 
+def run_rates(args: argparse.Namespace) -> dict[str, Any]:
+    from . import rates
+    set_threads(args.threads)
+    return rates.run(args.suite, args.quick, args.reps or REPS[args.quick])
+
+
 def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     from . import overhead
     set_threads(args.threads)
@@ -146,7 +153,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    p.add_argument("task", choices=("steps", "probe", "apply", "trainer"))
+    p.add_argument("task", choices=("steps", "probe", "apply", "trainer", "rates"))
     p.add_argument("suite", choices=SUITES)
     p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
     p.add_argument("--quick", action="store_true")
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     *extra, out = args.rest
     if args.task == "probe":
         args.case, args.mode = extra
-    result = {"steps": run_steps, "probe": run_probe, "apply": run_apply, "trainer": run_trainer}[args.task](args)
+    result = {"steps": run_steps, "probe": run_probe, "apply": run_apply, "trainer": run_trainer,
+              "rates": run_rates}[args.task](args)
     with open(out, "w") as f:
         json.dump(result, f)
 

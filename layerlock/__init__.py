@@ -29,7 +29,7 @@ _API = {
     "snapshot": "operations", "restore": "operations", "frozen": "operations", "fingerprint": "operations",
     "check": "operations",
     # learning rates
-    "rates": "rates", "Rates": "rates",
+    "rates": "rate_table", "Rates": "rate_table",
     # schedules
     "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
     # reports and values
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .operations import apply, check, fingerprint, frozen, plan, restore, snapshot, summary
-    from .rates import Rates, rates
+    from .rate_table import Rates, rates
     from .results import Finding, LayerPlan, ParamPlan, Plan, Report, State, Summary
     from .schedule import Phase, Schedule, gradual
     from .spec import Rule, Spec, freeze, unfreeze

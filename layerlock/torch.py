@@ -26,7 +26,7 @@ from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
 from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
-from .rates import rates
+from .rate_table import rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule

@@ -24,7 +24,7 @@ LAYERS = [
     {"backends.distributed"},                        # DDP / FSDP guards
     {"backends.torch", "backends.keras", "backends.flax", "backends.pytree"},  # translation tables
     {"diagnostics", "diagnostics.torch", "diagnostics.keras", "diagnostics.flax", "diagnostics.pytree"},  # ll.check
-    {"operations"},                                  # plan, apply, summary, state, check
+    {"operations", "rate_table"},                        # plan, apply, summary, state, check; the rate table
     {"testing"},                                     # conformance kit for backends (plugins too)
     {"stepper"},                                     # the runtime that steps a Schedule
     {"torch", "keras", "flax", "jax"},              # helpers per framework

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["__init__.py", "_format.py", "errors.py", "spec.py", "families.py", "tree.py", "results.py", "resolver.py", "operations.py", "schedule.py", "stepper.py", "testing.py"]
+CORE = ["__init__.py", "_format.py", "errors.py", "spec.py", "families.py", "tree.py", "results.py", "resolver.py", "operations.py", "rate_table.py", "schedule.py", "stepper.py", "testing.py"]
 
 
 def test_core_passes_mypy_strict(tmp_path):

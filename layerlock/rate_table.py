@@ -93,7 +93,7 @@ def check_rate(value: Any, what: str, *, zero: bool = False) -> float:
     0.1
     """
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-            and (value >= 0 if zero else value > 0):
+            and (float(value) >= 0 if zero else float(value) > 0):
         return float(value)
     raise SpecError(f"{what} must be a finite number {'>= 0' if zero else '> 0'}; received {value!r}")
 
@@ -131,7 +131,7 @@ def rates(model: Any, lr: float, *, lr_mult: Mapping[str, float] | None = None,
     base = check_rate(lr, "lr")
     mults = {p: check_rate(f, f"lr_mult[{p!r}]", zero=True) for p, f in dict(lr_mult or {}).items()}
     if layer_decay is not None and not (isinstance(layer_decay, numbers.Real) and not isinstance(layer_decay, bool)
-                                        and 0 < layer_decay <= 1):
+                                        and 0 < float(layer_decay) <= 1):
         raise SpecError(f"layer_decay must be a number in (0, 1]; received {layer_decay!r}")
     if weight_decay is not None:
         weight_decay = check_rate(weight_decay, "weight_decay", zero=True)
@@ -154,9 +154,9 @@ def rates(model: Any, lr: float, *, lr_mult: Mapping[str, float] | None = None,
         i, block = mult_of[o], None if block_of is None else block_of[o]
         mult = mults[patterns[i]] if i >= 0 else 1.0
         if block is not None:
-            mult *= float(layer_decay) ** (top - block)  # type: ignore[arg-type]
+            mult *= float(layer_decay) ** (top - block)
         decay = 0.0 if decay_of[o] >= 0 else weight_decay
         label = [f"block{block}" if block is not None else "", f"lr_mult[{patterns[i]}]" if i >= 0 else "",
                  "no_decay" if decay == 0.0 and weight_decay else ""]
         rows.append((path, base * mult, decay, "/".join(x for x in label if x) or "default", block))
-    return Rates(base, *map(tuple, zip(*rows)) if rows else ((),) * 5)  # type: ignore[arg-type]
+    return Rates(base, *map(tuple, zip(*rows)) if rows else ((),) * 5)
