@@ -81,21 +81,36 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, 
     >>> sync_optimizer(opt, net), sync_optimizer(opt, net)
     (['bias'], [])
     """
+    return _add_untracked(optimizer, model, {} if lr is None else {"lr": lr}, scheduler)
+
+
+def _add_untracked(optimizer: Any, model: torch.nn.Module, settings: dict[str, Any], scheduler: Any) -> list[str]:
+    """``sync_optimizer`` with the new group's ``settings`` (``lr``, ``initial_lr``) given."""
     optimizer, scheduler = unwrap_prepared(optimizer), unwrap_prepared(scheduler)
     new = untracked(optimizer, unwrap(model).named_parameters())
     if not new:
         return []
     named = any("param_names" in g for g in optimizer.param_groups)
     group: dict[str, Any] = {"params": new if named else [p for _, p in new],
-                             "name": f"layerlock-sync-{len(optimizer.param_groups)}"}
-    if lr is not None:
-        group["lr"] = lr
+                             "name": f"layerlock-sync-{len(optimizer.param_groups)}", **settings}
     if scheduler is not None:
         check_scheduler(scheduler)  # refuse before touching the optimizer
     optimizer.add_param_group(group)
     if scheduler is not None:
         extend_scheduler(scheduler, optimizer.param_groups[-1])
     return [n for n, _ in new]
+
+
+def _take_out(optimizer: torch.optim.Optimizer, rows: set[Any], model: torch.nn.Module) -> None:
+    """Remove the parameters of plan ``rows`` from ``optimizer``'s groups (their state stays,
+    keyed by the tensor), so that the next sync adds them as a group of their own."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    ids = {id(tensors[row.path]) for row in rows}
+    for group in optimizer.param_groups:
+        keep = [id(p) not in ids for p in group["params"]]
+        for key in ("params", "param_names"):  # torch keeps named params' names alongside
+            if key in group:
+                group[key] = [x for x, k in zip(group[key], keep) if k]
 
 
 def structure_fingerprint(model: torch.nn.Module) -> str:
@@ -158,6 +173,12 @@ class FreezeScheduler(LoopScheduler):
     the start of each epoch; on a phase change it applies the spec, adds newly trainable
     parameters to the optimizer (at the phase's ``lr``) and logs one line.
 
+    A phase's ``lr`` is the rate of what it makes trainable, which moves to a new group (with
+    its optimizer state) where the optimizer already holds it; what was already training keeps
+    its rate. Without ``lr``, parameters the optimizer lacks join at its default ``lr`` and the
+    ones it holds keep their group's. With a ``scheduler`` the rate is a base rate: the new
+    group runs at it times the factor the existing groups follow.
+
     Every phase is checked against the model when the scheduler is built, so a pattern that
     matches nothing fails before training starts. To resume, call ``load_state_dict`` before
     ``optimizer.load_state_dict``: it replays the phases so the optimizer has the same
@@ -180,7 +201,21 @@ class FreezeScheduler(LoopScheduler):
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:
             return ""
-        added = sync_optimizer(self.optimizer, self.model, lr=phase.lr, scheduler=self.scheduler)
+        optimizer = unwrap_prepared(self.optimizer)
+        if phase.lr is not None:
+            # What this phase makes trainable trains at its lr, also where the optimizer already
+            # holds it (built from model.parameters()): it moves, with its state, to the new group.
+            _take_out(optimizer, {p for p in plan.params if p.trainable_after and not p.trainable_before},
+                      unwrap(self.model))
+        # The phase's lr (else the optimizer's default) is a base rate: under an LR scheduler the
+        # new group runs at it times the factor the scheduler gives the existing groups now.
+        settings: dict[str, Any] = {} if phase.lr is None else {"lr": phase.lr}
+        if self.scheduler is not None:
+            base = phase.lr if phase.lr is not None else optimizer.defaults["lr"]
+            first = next((g for g in optimizer.param_groups if g.get("initial_lr")), None)
+            factor = first["lr"] / first["initial_lr"] if first is not None else 1.0
+            settings = {"lr": base * factor, "initial_lr": base}
+        added = _add_untracked(optimizer, self.model, settings, self.scheduler)
         if not added:
             return ""
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")

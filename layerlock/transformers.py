@@ -105,7 +105,10 @@ class FreezeScheduler(TrainerCallback):
                 # What a phase froze has no optimizer state yet: leave it out of the Trainer's
                 # groups, so it joins at its phase's rate when a later phase unfreezes it.
                 for group in groups:
-                    group["params"] = [p for p in group["params"] if p.requires_grad]
+                    keep = [p.requires_grad for p in group["params"]]
+                    for key in ("params", "param_names"):  # torch keeps named params' names alongside
+                        if key in group:
+                            group[key] = [x for x, k in zip(group[key], keep) if k]
         else:
             self.stepper.replay(model, saved["phase"], self._sync)
             self._restore(saved)
@@ -164,11 +167,12 @@ class FreezeScheduler(TrainerCallback):
         base = phase.lr if phase.lr is not None else self._args.learning_rate
         first = optimizer.param_groups[0]
         factor = first["lr"] / first["initial_lr"] if first.get("initial_lr") else 1.0
-        for weight_decay, params in ((self._args.weight_decay, [p for n, p in new if n in decay]),
-                                     (0.0, [p for n, p in new if n not in decay])):
-            if params:
-                optimizer.add_param_group({"params": params, "weight_decay": weight_decay,
-                                           "lr": base * factor, "initial_lr": base})
+        named = any("param_names" in g for g in optimizer.param_groups)  # then every group must be named
+        for weight_decay, pairs in ((self._args.weight_decay, [(n, p) for n, p in new if n in decay]),
+                                    (0.0, [(n, p) for n, p in new if n not in decay])):
+            if pairs:
+                optimizer.add_param_group({"params": pairs if named else [p for _, p in pairs],
+                                           "weight_decay": weight_decay, "lr": base * factor, "initial_lr": base})
                 if self._scheduler is not None:
                     extend_scheduler(self._scheduler, optimizer.param_groups[-1])
         return f"optimizer +{len(new)} tensors at base lr {base:g}"
