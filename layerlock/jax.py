@@ -24,12 +24,21 @@ activation function) are never trainable. Layers of kind ``BatchNorm`` (Equinox'
 >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}, "Dense_1": {"kernel": jnp.ones((2, 1))}}
 >>> llj.trainable_mask(params, ll.freeze(kind="Dense").unfreeze("Dense_1"))
 {'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'kernel': True}}
+
+Per-parameter learning rates mean what they mean in torch and Keras: :func:`param_groups`
+gives the groups of :func:`layerlock.rates` (``lr_mult``, ``layer_decay``, ``no_decay``) and
+:func:`multi_transform` makes them one optax transformation. Rates that change during
+training without losing moments (a :class:`~layerlock.Schedule` phase's ``lr``) are per-leaf
+multipliers: :func:`scale_by_rates`, chained after the optimizer, with
+:func:`set_multipliers` and :func:`base_rates` to set them.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +48,14 @@ import optax
 from .backends import pytree
 from .diagnostics.pytree import check_state as check
 from .errors import SpecError
+from .rate_table import check_rate, rates
 from .resolver import BnPolicy, check_options, resolve
 from .results import Plan
 from .spec import Spec
 
-__all__ = ["trainable_mask", "frozen_mask", "partition", "combine", "optimizer", "carry_state", "plan", "check"]
+__all__ = ["trainable_mask", "frozen_mask", "partition", "combine", "optimizer", "carry_state", "plan", "check",
+           "param_groups", "multi_transform", "GroupedTransformation", "scale_by_rates", "RatesState",
+           "set_multipliers", "base_rates"]
 
 def plan(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
          frozen_mode: str | None = None) -> Plan:
@@ -212,3 +224,271 @@ def carry_state(new_state: Any, old_state: Any) -> Any:
         return kept if kept is not None and np.shape(kept) == np.shape(leaf) else leaf
 
     return jax.tree_util.tree_map_with_path(carry, new_state)
+
+
+# Per-parameter learning rates.
+
+FROZEN_LABEL = "layerlock:frozen"  # multi_transform's label for the leaves in no group
+_INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _leaf_path(keys: tuple[Any, ...]) -> str:
+    """The dotted path of a leaf with an nnx Variable's own ``.value`` step dropped: an
+    ``nnx.Optimizer`` inits its transformation with Variables and updates it with arrays."""
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return pytree.path_of(keys)
+
+
+def _lookup(keys: tuple[Any, ...], table: Mapping[str, Any]) -> str | None:
+    """The path under which ``table`` knows the leaf at ``keys``: its full path (an Equinox
+    field may be named ``value``), else the path without an nnx Variable's ``.value``."""
+    for path in (pytree.path_of(keys), _leaf_path(keys)):
+        if path in table:
+            return path
+    return None
+
+
+def _describe(state: Any) -> str:
+    """The types of an optimizer state's parts, for messages."""
+    if type(state) is tuple:  # optax.chain's state; a NamedTuple state is named by its type
+        return "(" + ", ".join(type(s).__name__ for s in state) + ")"
+    return type(state).__name__
+
+
+def param_groups(tree: Any, lr: float, *, lr_mult: Mapping[str, float] | None = None,
+                 weight_decay: float | None = None, no_decay: str | Sequence[str] = (),
+                 layer_decay: float | None = None, within: str | None = None,
+                 strict: bool = True) -> list[dict[str, Any]]:
+    """The rates of :func:`layerlock.rates` for a pytree as groups
+    ``[{"name", "lr", "weight_decay"?, "params": [leaf paths]}]``, for :func:`multi_transform`;
+    the arguments mean what they mean in ``layerlock.torch.param_groups`` (``layer_decay``
+    counts the blocks ``ll.freeze(depth=...)`` counts). Every array leaf gets a group: give
+    the trainable part (``partition(params, spec)[0]``) to leave the frozen ones out, and
+    :func:`multi_transform` keeps leaves in no group where they are.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2))}, "Dense_1": {"kernel": jnp.ones((2, 1))}}
+    >>> [(g["name"], g["lr"], g["params"]) for g in param_groups(params, 1.0, layer_decay=0.5)]
+    [('block0', 0.5, ['Dense_0.kernel']), ('block1', 1.0, ['Dense_1.kernel'])]
+    """
+    table = rates(pytree.tree(tree), lr, lr_mult=lr_mult, weight_decay=weight_decay, no_decay=no_decay,
+                  layer_decay=layer_decay, within=within, strict=strict)
+    return [{**{k: v for k, v in group.items() if k != "paths"}, "params": list(group["paths"])}
+            for group in table.groups]
+
+
+class GroupedTransformation(optax.GradientTransformationExtraArgs):
+    """An optax transformation that says the learning rate it gives each leaf: ``rates``
+    (path -> lr; a leaf in no group has none and does not move). :func:`multi_transform`
+    returns one and :func:`base_rates` reads it; otherwise it is an ordinary
+    ``optax.GradientTransformationExtraArgs``.
+
+    >>> t = GroupedTransformation(*optax.sgd(0.1), rates={"w": 0.1})
+    >>> t.rates, isinstance(t, optax.GradientTransformation)
+    ({'w': 0.1}, True)
+    """
+
+    rates: dict[str, float]
+
+    def __new__(cls, init: Any, update: Any, rates: Mapping[str, float] | None = None) -> GroupedTransformation:
+        self = super().__new__(cls, init, update)
+        self.rates = dict(rates or {})  # an attribute, not a field: the tuple stays (init, update), hashable
+        return self
+
+
+def multi_transform(make: Callable[..., optax.GradientTransformation],
+                    groups: Sequence[Mapping[str, Any]]) -> GroupedTransformation:
+    """``optax.multi_transform`` with ``make(lr)`` for each group (``make(lr,
+    weight_decay=...)`` for a group that has one), leaves labelled by path, and updates of
+    -0.0 for leaves in no group, which stay bit-identical (weight decay included) and get no
+    optimizer state. ``make`` is an optax constructor (``optax.adamw``,
+    ``functools.partial(optax.sgd, momentum=0.9)``); ``groups`` come from :func:`param_groups`
+    or ``layerlock.flax.param_groups``. Init it with the params pytree, its Equinox array part
+    (``eqx.filter(model, eqx.is_array)``), or use it in an ``nnx.Optimizer``. Each group keeps
+    its own step count: a schedule built into ``make`` runs per group; to scale every group
+    by one schedule, chain it: ``optax.chain(tx, optax.scale_by_schedule(factor))``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+    >>> tx = multi_transform(optax.sgd, [{"name": "slow", "lr": 0.5, "params": ["a"]},
+    ...                                  {"name": "fast", "lr": 2.0, "params": ["b"]}])
+    >>> updates, _ = tx.update(params, tx.init(params), params)   # gradients of 1
+    >>> {k: v.tolist() for k, v in updates.items()}
+    {'a': [-0.5, -0.5], 'b': [-2.0, -2.0], 'c': [-0.0, -0.0]}
+    """
+    if not callable(make):
+        raise SpecError(f"multi_transform: make must be an optax constructor such as optax.adamw (called as "
+                        f"make(lr)); received {make!r}")
+    if isinstance(groups, (str, Mapping)) or not isinstance(groups, Sequence):
+        raise SpecError(f"multi_transform: groups must be a list of dicts, as layerlock.jax.param_groups makes; "
+                        f"received {type(groups).__name__}")
+    label_of: dict[str, str] = {}
+    lr_of: dict[str, float] = {}
+    transforms: dict[str, optax.GradientTransformation] = {}
+    for i, group in enumerate(groups):
+        where = f"multi_transform: groups[{i}]"
+        if not isinstance(group, Mapping) or not {"name", "lr", "params"} <= set(group) <= {
+                "name", "lr", "weight_decay", "params"}:
+            raise SpecError(f"{where} must be a dict with 'name', 'lr' and 'params' (and optional 'weight_decay'), "
+                            f"as layerlock.jax.param_groups makes; received {group!r:.100}")
+        name, paths = group["name"], group["params"]
+        if not isinstance(name, str) or name in transforms or name == FROZEN_LABEL:
+            raise SpecError(f"{where}: 'name' must be a string that no other group has (nor {FROZEN_LABEL!r}); "
+                            f"received {name!r}")
+        lr = check_rate(group["lr"], f"{where}['lr']")
+        extra = {} if group.get("weight_decay") is None else {
+            "weight_decay": check_rate(group["weight_decay"], f"{where}['weight_decay']", zero=True)}
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise SpecError(f"{where}['params'] must be a list of leaf paths such as 'params.Dense_0.kernel'; "
+                            f"received {paths!r:.100}")
+        for path in paths:
+            if path in label_of:
+                raise SpecError(f"{where}: {path!r} is in group {label_of[path]!r} already; a leaf has one rate")
+            label_of[path], lr_of[path] = name, lr
+        try:
+            transforms[name] = make(lr, **extra)
+        except TypeError as exc:
+            if not extra:
+                raise
+            raise SpecError(f"{where} has a weight_decay, so it calls make(lr, weight_decay=...), which {make!r} "
+                            f"refused ({exc}). Use a constructor that takes it (optax.adamw), or give the groups "
+                            "no weight_decay") from None
+    transforms[FROZEN_LABEL] = _identity_update()
+
+    def labels(params: Any) -> Any:
+        def label(keys: tuple[Any, ...], _: Any) -> str:
+            path = _lookup(keys, label_of)
+            return FROZEN_LABEL if path is None else label_of[path]
+
+        out = jax.tree_util.tree_map_with_path(label, params)
+        given = jax.tree.leaves(out)
+        if label_of and given and all(x == FROZEN_LABEL for x in given):
+            leaves = [pytree.path_of(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            raise SpecError(f"multi_transform: none of this tree's leaves ({', '.join(leaves[:4])}, ...) is in a "
+                            f"group (they name {', '.join(list(label_of)[:4])}, ...): build the groups from the "
+                            "pytree you train")
+        return out
+
+    inner = optax.multi_transform(transforms, labels)
+    return GroupedTransformation(inner.init, inner.update, lr_of)
+
+
+class RatesState(NamedTuple):
+    """The state of :func:`scale_by_rates`: each leaf's rate multiplier, a float32 scalar,
+    by leaf path."""
+
+    multipliers: dict[str, Any]
+
+
+def scale_by_rates() -> optax.GradientTransformation:
+    """Multiply each leaf's update by a multiplier of its own (1.0 at init), so that rates
+    can change per leaf during training without touching the optimizer's moments. Chain it
+    after the optimizer, ``optax.chain(tx, scale_by_rates())``: a leaf with multiplier 0.1
+    trains at a tenth of ``tx``'s rate, and follows ``tx``'s schedule. Set multipliers with
+    :func:`set_multipliers`; across a change of the trainable set, carry the state over with
+    :func:`carry_state` as any other.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    >>> tx = optax.chain(optax.sgd(1.0), scale_by_rates())
+    >>> state = set_multipliers(tx.init(params), {"a": 0.25})
+    >>> {k: v.tolist() for k, v in tx.update(params, state, params)[0].items()}
+    {'a': [-0.25, -0.25], 'b': [-1.0, -1.0]}
+    """
+    def init(params: Any) -> RatesState:
+        multipliers: dict[str, Any] = {}
+        for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+            path = _leaf_path(keys)
+            if path in multipliers:
+                raise SpecError(f"scale_by_rates: two leaves have the path {path!r}; it keys each leaf's multiplier "
+                                "by path, so it takes pytrees of dicts, lists and Equinox modules")
+            multipliers[path] = jnp.ones((), jnp.float32)
+        return RatesState(multipliers)
+
+    def update(updates: Any, state: RatesState, params: Any = None) -> tuple[Any, RatesState]:
+        def scale(keys: tuple[Any, ...], u: Any) -> Any:
+            path = _leaf_path(keys)
+            if path not in state.multipliers:
+                raise SpecError(f"scale_by_rates: its state has no multiplier for {path!r}: it was made for another "
+                                "tree. After a change of the trainable set, carry it over: "
+                                "carry_state(tx.init(new_tree), state)")
+            return (u * state.multipliers[path]).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _rates_states(state: Any) -> list[RatesState]:
+    def is_rates(x: Any) -> bool:
+        return isinstance(x, RatesState)
+
+    return [x for x in jax.tree.leaves(state, is_leaf=is_rates) if is_rates(x)]
+
+
+def set_multipliers(state: Any, multipliers: Mapping[str, float]) -> Any:
+    """``state`` (an optax state with a :func:`scale_by_rates` part) with the multiplier of
+    each leaf path in ``multipliers`` set; other leaves keep theirs. A multiplier is a
+    finite number >= 0; a path the state lacks raises :class:`~layerlock.SpecError`, and
+    nothing changes.
+
+    >>> import jax.numpy as jnp
+    >>> state = scale_by_rates().init({"a": jnp.ones(2)})
+    >>> float(set_multipliers(state, {"a": 0.5}).multipliers["a"])
+    0.5
+    """
+    wanted = {p: check_rate(f, f"set_multipliers: the multiplier of {p!r}", zero=True)
+              for p, f in dict(multipliers).items()}
+    found = _rates_states(state)
+    if not found:
+        raise SpecError(f"set_multipliers: this optimizer state ({_describe(state)}) has no scale_by_rates part: "
+                        "chain it after the optimizer, optax.chain(tx, layerlock.jax.scale_by_rates()), and init that")
+    known = set().union(*(x.multipliers for x in found))
+    unknown = [p for p in wanted if p not in known]
+    if unknown:
+        raise SpecError(f"set_multipliers: the state has no leaf {', '.join(map(repr, unknown[:5]))}; its leaves: "
+                        f"{', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''}")
+
+    def replace(x: Any) -> Any:
+        if not isinstance(x, RatesState):
+            return x
+        return RatesState({p: jnp.asarray(wanted[p], jnp.float32) if p in wanted else m
+                           for p, m in x.multipliers.items()})
+
+    return jax.tree.map(replace, state, is_leaf=lambda x: isinstance(x, RatesState))
+
+
+def base_rates(tx: optax.GradientTransformation, params: Any, *, state: Any = None) -> dict[str, float]:
+    """The learning rate ``tx`` gives each leaf of ``params``, before any
+    :func:`scale_by_rates` multiplier: what a phase's ``lr`` is measured against. Read from
+    a :class:`GroupedTransformation` (:func:`multi_transform`: the leaf's group; leaves in no
+    group are left out), else from the ``learning_rate`` of the one
+    ``optax.inject_hyperparams`` state in ``tx.init(params)``: its value at step 0 (a
+    schedule's first value). ``state``: that init, if you have it. A rate that cannot be
+    read raises :class:`~layerlock.SpecError` saying how to build one that can.
+
+    >>> import jax.numpy as jnp, optax
+    >>> base_rates(optax.inject_hyperparams(optax.adam)(learning_rate=0.5), {"w": jnp.ones(2)})
+    {'w': 0.5}
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if isinstance(tx, GroupedTransformation):
+        found_in = ((keys, _lookup(keys, tx.rates)) for keys, _ in flat)
+        return {_leaf_path(keys): tx.rates[hit] for keys, hit in found_in if hit is not None}
+    state = tx.init(params) if state is None else state
+    injected = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _INJECT))
+                if isinstance(s, _INJECT) and "learning_rate" in s.hyperparams]
+    if len(injected) != 1:
+        raise SpecError(
+            f"cannot read the learning rate of this optax transformation: its state ({_describe(state)}) has "
+            f"{len(injected) or 'no'} optax.inject_hyperparams part{'s' if len(injected) > 1 else ''} with a "
+            "learning_rate, and one is needed. Build it with optax.inject_hyperparams(optax.adam)(learning_rate=1e-3) "
+            "(a schedule works there too), or with layerlock.jax.multi_transform(optax.adam, groups)")
+    base = float(np.asarray(injected[0].hyperparams["learning_rate"]))
+    if not (math.isfinite(base) and base > 0):
+        raise SpecError(f"the optimizer's learning rate at step 0 is {base:g}, and a rate relative to it is undefined "
+                        "(a warmup from 0?). Give inject_hyperparams a rate > 0 and chain the warmup as a factor: "
+                        "optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), "
+                        "optax.scale_by_schedule(warmup))")
+    return dict.fromkeys((_leaf_path(keys) for keys, _ in flat), base)

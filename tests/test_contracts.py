@@ -90,8 +90,8 @@ def test_the_transformers_callback_refuses_a_log_that_is_not_callable():
 
 
 def test_the_nnx_scheduler_refuses_a_phase_lr_it_cannot_apply():
-    """torch, Keras, Lightning and the Trainer callback apply a phase's lr (tested with each);
-    NNX's scheduler cannot change an optax rate, and says so when it is built."""
+    """Every integration applies a phase's lr (tests/test_phase_lr.py, test_keras_rates.py,
+    test_jax_rates.py); with no optimizer to apply it to, NNX's scheduler says so when built."""
     if importlib.util.find_spec("flax") is None:
         pytest.skip("flax is not installed")
     from flax import nnx

@@ -420,7 +420,7 @@ def test_pytree_frozen_mode_eval_is_refused_saying_what_to_do():
         llj.plan(linen_params(), ll.freeze(), frozen_mode="eval")
 
 
-def test_nnx_freeze_scheduler_refuses_a_phase_lr_it_would_ignore(net):
+def test_nnx_freeze_scheduler_refuses_a_phase_lr_when_it_cannot_read_the_optimizers_rate(net):
     opt = nnx.Optimizer(net, optax.adam(1e-2), wrt=llf.trainable)
     schedule = ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze()}, lr={1: 1e-4})
     with pytest.raises(ll.SpecError, match="layerlock.flax.FreezeScheduler.*epoch 1: lr=0.0001.*not supported by "

@@ -27,7 +27,8 @@ LAYERS = [
     {"operations", "rate_table"},                        # plan, apply, summary, state, check; the rate table
     {"testing"},                                     # conformance kit for backends (plugins too)
     {"stepper"},                                     # the runtime that steps a Schedule
-    {"torch", "keras", "flax", "jax"},              # helpers per framework
+    {"torch", "keras", "jax"},                      # helpers per framework
+    {"flax"},                                        # NNX helpers (its optimizer rates are layerlock.jax's)
     {"lightning", "transformers", "demo.config", "demo.data", "demo.report"},
     {"demo.torch_run"},
     {"demo.keras_run", "demo.flax_run"},
