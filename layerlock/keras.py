@@ -1,9 +1,12 @@
 """Keras helpers: ``import layerlock.keras`` (this imports keras).
 
-:func:`sync_optimizer` brings the optimizer of a custom training loop in step after an
-``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback that
-applies a :class:`~layerlock.Schedule` at the start of each epoch of ``fit``; the very next
-step trains the new set, and the optimizer keeps its state for variables that stay trainable.
+:func:`param_groups` and :func:`with_rates` give a Keras 3 optimizer a learning rate per
+variable (``lr_mult``, ``layer_decay``, ``no_decay`` mean what they mean in
+``layerlock.torch``). :func:`sync_optimizer` brings the optimizer of a custom training loop in
+step after an ``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback
+that applies a :class:`~layerlock.Schedule` at the start of each epoch of ``fit``; the very
+next step trains the new set, and the optimizer keeps its state for variables that stay
+trainable.
 
 >>> import keras, layerlock as ll, layerlock.keras as llk
 >>> callback = llk.FreezeScheduler(ll.gradual(3), log=None)   # model.fit(..., callbacks=[callback])
@@ -12,31 +15,149 @@ step trains the new set, and the optimizer keeps its state for variables that st
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
 
 from .backends import get_backend
+from .backends import keras_internals as internals
 from .backends.keras import KerasBackend, TfKerasBackend, compiled_optimizer, short_name
-from .backends.keras_internals import strategy_scope, sync_variables
-from .errors import LayerlockError
+from .errors import BackendError, LayerlockError, SpecError
+from .rate_table import check_rate, rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .stepper import PhaseStepper, log_option, warn_check
 
-__all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "structure_fingerprint", "sync_optimizer"]
+__all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "param_groups", "structure_fingerprint",
+           "sync_optimizer", "with_rates"]
+
+internals.register_rated_classes()  # so that load_model finds the rated optimizers a model was saved with
 
 
-def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
+def _variables(model: Any) -> dict[str, Any]:
+    """layerlock path -> variable, every path of a tied variable included; refuses a model
+    where two variables share a ``variable.path`` (what an optimizer's rates are keyed by)."""
+    backend: Any = get_backend(model)  # the Keras backend: walk() gives the variables
+    walk = backend.walk(model)
+    by_key: dict[str, dict[int, list[str]]] = {}
+    for path, variable in zip(walk.tree.param_paths, walk.tensors):
+        by_key.setdefault(str(variable.path), {}).setdefault(id(variable), []).append(path)
+    shared = {key: owners for key, owners in by_key.items() if len(owners) > 1}
+    if shared:
+        named = "; ".join(f"{key!r} is the path of {' and '.join(paths[0] for paths in owners.values())}"
+                          for key, owners in list(shared.items())[:3])
+        raise BackendError(f"per-variable learning rates are keyed by variable.path, and two variables of this model "
+                           f"share one: {named}. Give the layers distinct names (or build them under distinct "
+                           "keras.name_scope) so their variables' paths differ.")
+    return dict(zip(walk.tree.param_paths, walk.tensors))
+
+
+def param_groups(model: Any, lr: float, *, lr_mult: Mapping[str, float] | None = None,
+                 weight_decay: float | None = None, no_decay: str | Sequence[str] = (),
+                 layer_decay: float | None = None, within: str | None = None,
+                 strict: bool = True) -> list[dict[str, Any]]:
+    """Rate groups for the trainable variables, with the names and rates of
+    ``layerlock.torch.param_groups`` (both are :func:`layerlock.rates`): ``[{"name", "lr",
+    "weight_decay"?, "params": [(path, variable), ...]}]``. Hand them to :func:`with_rates`.
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="body"),
+    ...                           keras.layers.Dense(1, name="head")])
+    >>> [(g["name"], g["lr"], [p for p, _ in g["params"]]) for g in param_groups(model, 1.0, layer_decay=0.5)]
+    [('block0', 0.5, ['body.kernel', 'body.bias']), ('block1', 1.0, ['head.kernel', 'head.bias'])]
+    """
+    table = rates(model, lr, lr_mult=lr_mult, weight_decay=weight_decay, no_decay=no_decay,
+                  layer_decay=layer_decay, within=within, strict=strict)
+    variables = _variables(model)
+    return [{**{k: v for k, v in group.items() if k != "paths"},
+             "params": [(path, variables[path]) for path in group["paths"]]} for group in table.groups]
+
+
+def _group_rates(groups: Iterable[Mapping[str, Any]], base: float) -> tuple[dict[str, float], dict[str, float | None]]:
+    """``variable.path -> multiplier`` and ``-> weight decay`` from rate groups; refuses
+    malformed groups, a variable in two groups and two variables with one path."""
+    if isinstance(groups, (str, bytes, Mapping)) or not isinstance(groups, Iterable):
+        raise SpecError(f"with_rates takes a list of groups such as param_groups(model, lr) returns; "
+                        f"received {groups!r}")
+    multipliers: dict[str, float] = {}
+    decays: dict[str, float | None] = {}
+    seen: dict[str, tuple[Any, str]] = {}
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping) or "lr" not in group or "params" not in group:
+            raise SpecError(f"groups[{i}] must be a dict with 'lr' and 'params' (and optional 'name', "
+                            f"'weight_decay'), as param_groups returns; received {group!r}")
+        lr = check_rate(group["lr"], f"groups[{i}]['lr']")
+        decay = group.get("weight_decay")
+        if decay is not None:
+            decay = check_rate(decay, f"groups[{i}]['weight_decay']", zero=True)
+        for item in group["params"]:
+            name, variable = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            key = getattr(variable, "path", None)
+            if not isinstance(variable, keras.Variable) or not isinstance(key, str):
+                raise SpecError(f"groups[{i}]['params'] holds {type(variable).__name__} {variable!r}; it takes Keras "
+                                "variables or (path, variable) pairs")
+            label = name or key
+            if key in seen:
+                other, other_label = seen[key]
+                if other is variable:
+                    raise SpecError(f"{label!r} is in more than one group; give each variable one rate")
+                raise BackendError(f"per-variable learning rates are keyed by variable.path, and {other_label!r} and "
+                                   f"{label!r} share the path {key!r}. Give the layers distinct names so their "
+                                   "variables' paths differ.")
+            seen[key] = (variable, label)
+            multipliers[key], decays[key] = internals.multiplier(lr, base), decay
+    return multipliers, decays
+
+
+def with_rates(optimizer: Any, groups: Iterable[Mapping[str, Any]] | None = None) -> Any:
+    """Make a Keras 3 optimizer train each variable at its own rate, in place, and return it:
+    the variables of each group (from :func:`param_groups`) at the group's ``lr`` and, where
+    the group has one, its ``weight_decay`` (0.0: none; absent: the optimizer's own, with its
+    ``exclude_from_weight_decay``); others at the optimizer's ``learning_rate``. Decoupled
+    weight decay (AdamW) uses each variable's rate. Under a learning-rate schedule every rate
+    follows the schedule's factor: a rate ``r`` is ``r * schedule(t) / schedule(0)`` at step ``t``.
+
+    The optimizer stays the same object, with its slots and ``iterations``, so a compiled
+    model keeps it; its class becomes a subclass of its own (``RatedAdam`` for ``Adam``),
+    which ``get_config`` / ``model.save`` record with the rates (``load_model`` restores
+    them once ``layerlock.keras`` is imported). A ``LossScaleOptimizer``'s inner optimizer
+    gets the rates. Rates are read when a train function is traced: give them before the
+    first ``fit`` (``FreezeScheduler`` and :func:`sync_optimizer` rebuild it when they
+    change rates). An optimizer that cannot carry them (not Keras 3, an update path
+    layerlock does not know) raises :class:`~layerlock.BackendError` before anything changes.
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")], name="net")
+    >>> opt = with_rates(keras.optimizers.SGD(0.1), param_groups(model, 0.1, lr_mult={"fc.bias": 0.5}))
+    >>> type(opt).__name__, opt.get_config()["layerlock_rates"]
+    ('RatedSGD', {'net/fc/bias': 0.05})
+    """
+    target = internals.rated_target(optimizer)
+    multipliers, decays = _group_rates(groups, internals.base_rate(target)) if groups is not None else ({}, {})
+    internals.set_rates(internals.upgrade(target), multipliers, decays)
+    return optimizer
+
+
+def _rate_new(optimizer: Any, variables: list[Any], lr: float) -> bool:
+    """Give newly trainable variables the rate ``lr``; True if a rate changed."""
+    target = internals.upgrade(optimizer)
+    factor = internals.multiplier(lr, internals.base_rate(target))
+    return internals.set_rates(target, {str(v.path): factor for v in variables})
+
+
+def sync_optimizer(optimizer: Any, model: Any, *, lr: float | None = None) -> list[str]:
     """Make a built optimizer track exactly ``model.trainable_variables``, keeping the state
     (Adam moments, ``iterations``) of every variable it already tracks; return the paths
     of the variables it added. For ``fit`` you never need it: ``ll.apply`` syncs the
     compiled model's own optimizer. In a custom loop, call it after each ``apply``, or
     ``optimizer.apply_gradients`` fails on the newly trainable variables ("Unknown variable").
-    An optimizer layout layerlock does not know (a future Keras) raises
-    :class:`~layerlock.BackendError` before anything changes.
+    The variables it adds train at ``lr`` (the optimizer gets per-variable rates, see
+    :func:`with_rates`); without ``lr`` they train at the rate they had, which is the
+    optimizer's base rate for a variable never given one; the others keep theirs. An
+    optimizer layout layerlock does not know (a future Keras), or one that cannot carry
+    ``lr``, raises :class:`~layerlock.BackendError` before anything changes.
 
     >>> import keras, layerlock as ll
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")])
@@ -46,9 +167,15 @@ def sync_optimizer(optimizer: Any, model: Any) -> list[str]:
     >>> sync_optimizer(opt, model), sync_optimizer(opt, model)
     (['fc.bias'], [])
     """
-    added = sync_variables(optimizer, model.trainable_variables, strategy_scope(model)) or []
+    if lr is not None:
+        check_rate(lr, "lr")
+        internals.rated_target(optimizer)
+        _variables(model)
+    added = internals.sync_variables(optimizer, model.trainable_variables, internals.strategy_scope(model)) or []
     if not added:
         return []
+    if lr is not None and _rate_new(optimizer, added, lr) and compiled_optimizer(model) is optimizer:
+        internals.rebuild_step_functions(model)
     paths = {id(v): path for path, _, v in get_backend(model).unique_variables(get_backend(model).walk(model))}
     return [paths.get(id(v), short_name(v)) for v in added]
 
@@ -74,10 +201,15 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     """Apply ``schedule`` at epoch begin inside ``fit``.
 
     Every phase is checked against the model at ``on_train_begin``, so a pattern that
-    matches nothing fails before the first step. A phase's ``lr`` sets the optimizer's
-    learning rate from that epoch on (Keras optimizers have one rate for all variables).
-    ``log`` receives the one-line message of each transition (default ``print``; None:
-    silent). When training starts (after the first epoch's phase is applied) the set-up is
+    matches nothing fails before the first step. A phase's ``lr`` is the rate of what that
+    phase makes trainable, as in torch: those variables train at ``lr``, what was already
+    training keeps its own rate, and without ``lr`` a variable trains at the rate it had (the
+    optimizer's base rate for one never given a rate, by a phase or :func:`with_rates`);
+    under a learning-rate schedule every rate follows the schedule's factor. For that the
+    compiled optimizer gets per-variable rates (:func:`with_rates`) when training begins;
+    one that cannot carry them raises :class:`~layerlock.SpecError` naming its type, before
+    anything changes. ``log`` receives the one-line message of each transition (default
+    ``print``; None: silent). When training starts (after the first epoch's phase is applied) the set-up is
     checked once with :func:`layerlock.check`; what it finds comes as one
     :class:`~layerlock.LayerlockWarning` with the report's table.
 
@@ -85,8 +217,9 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     ``state_dict()`` / ``load_state_dict(state)`` carry the phase across processes, as in
     the torch and NNX loop schedulers: on restart, ``set_model(model)`` (the model loaded
     from the checkpoint) and ``load_state_dict(saved)`` bring the model to the saved phase
-    (its trainable set and the phase's learning rate) before ``fit(..., initial_epoch=
-    saved["epoch"] + 1)``. A state saved for another schedule or another model structure
+    (its trainable set and per-variable rates) before ``fit(..., initial_epoch=
+    saved["epoch"] + 1)``: the phases are replayed, so the compiled optimizer gets the
+    saved run's rates. A state saved for another schedule or another model structure
     raises :class:`~layerlock.LayerlockError` before anything changes.
 
     >>> import keras, layerlock as ll
@@ -112,6 +245,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         self.log = log_option("layerlock.keras.FreezeScheduler", log, verbose)
         self.epoch = -1
         self._checked = False
+        self._rated = any(p.lr is not None for p in schedule.phases)
 
     @property
     def phase(self) -> int:
@@ -120,6 +254,8 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_begin(self, logs: Any = None) -> None:
         self.stepper.check(self.model)
+        if self._rated:
+            internals.upgrade(self._rate_target(self.model))
         self.stepper.phase = -1  # fit(initial_epoch=e) re-applies the cumulative spec for e
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -131,15 +267,36 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         if change is not None and self.log is not None:
             self.log(change.message)
 
+    def _rate_target(self, model: Any) -> Any:
+        """The compiled optimizer that is to carry the phases' rates, checked (changes nothing)."""
+        optimizer = compiled_optimizer(model)
+        if optimizer is None:
+            raise SpecError("this schedule gives phases an lr, the rate of what each phase makes trainable, and that "
+                            "rate lives in the compiled optimizer: compile the model first")
+        try:
+            internals.rated_target(optimizer)
+        except BackendError as exc:
+            name = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+            raise SpecError(f"this schedule gives phases an lr, but {name} cannot train variables at rates of "
+                            f"their own: {exc}") from exc
+        _variables(model)  # refuses two variables with one variable.path
+        return optimizer
+
     def _sync(self, phase: Phase, plan: Plan) -> str:
-        # apply() already brought the optimizer's slots in step; a Keras optimizer has one
-        # learning rate, so a phase's lr becomes the rate from here on.
-        lr = self.schedule.lr_at(phase.epoch)
+        # apply() already brought the optimizer's slots in step; the variables this phase
+        # makes trainable get its lr, the others keep theirs. Without lr nothing changes:
+        # a variable never given a rate trains at the base rate.
         optimizer = compiled_optimizer(self.model)
-        if lr is None or optimizer is None:
+        if phase.lr is None or optimizer is None:
             return ""
-        optimizer.learning_rate = lr
-        return f"lr {lr:g}"
+        variables = _variables(self.model)
+        added = list({id(v): v for p in plan.params if p.trainable_after and not p.trainable_before
+                      for v in [variables[p.path]]}.values())
+        if not added:
+            return ""
+        if _rate_new(optimizer, added, phase.lr):
+            internals.rebuild_step_functions(self.model)  # rates are read when the train function is traced
+        return f"optimizer +{len(added)} variables at lr {phase.lr:g}"
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -157,8 +314,8 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
                 "structure": structure_fingerprint(model)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Bring the model to the saved phase (trainable set, optimizer slots, the phase's
-        learning rate), as ``fit(initial_epoch=e)`` would; refuse, before anything changes,
+        """Bring the model to the saved phase (trainable set, optimizer slots, the phases'
+        per-variable rates), as ``fit(initial_epoch=e)`` would; refuse, before anything changes,
         a state of another schedule or another model structure."""
         model = self._bound_model("load_state_dict")
         missing = {"epoch", "phase", "schedule", "structure"} - set(state)
@@ -171,5 +328,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         if Schedule.from_dict(state["schedule"]) != self.schedule:
             raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
         self.stepper.check(model)
+        if self._rated:
+            internals.upgrade(self._rate_target(model))
         self.stepper.replay(model, state["phase"], self._sync)
         self.epoch = state["epoch"]

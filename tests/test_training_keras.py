@@ -50,7 +50,15 @@ def test_gradual_schedule_in_fit_moves_one_more_block_each_epoch(capsys):
                              ["b0", "b1", "b2", "b3", "head"]]
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and lines[2].startswith("layerlock: epoch 2: phase 3/5") and "lr 0.0025" in lines[2]
-    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2 * 0.5 ** 4)
+    # each block trains at its phase's rate; the optimizer's own rate (the head's) is unchanged
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2)
+    assert block_rates(model.optimizer) == pytest.approx(
+        {f"b{i}/{n}": 1e-2 * 0.5 ** (4 - i) for i in range(4) for n in ("kernel", "bias")})
+
+
+def block_rates(optimizer):
+    """Variable path (without the model's name) -> the rate layerlock gave it."""
+    return {p.split("/", 1)[1]: r for p, r in optimizer.get_config()["layerlock_rates"].items()}
 
 
 def test_schedule_with_a_typo_fails_before_the_first_step():
@@ -105,13 +113,15 @@ def test_resuming_from_state_dict_brings_the_phase_back_before_fit_and_matches_a
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_load_state_dict_sets_the_phase_learning_rate_like_initial_epoch():
+def test_load_state_dict_gives_the_replayed_phases_rates_like_initial_epoch():
     schedule = ll.gradual(3, lr=1e-2, lr_decay=0.5)
     model = blocks_model()
     callback = llk.FreezeScheduler(schedule, log=None)
     callback.set_model(model)
     callback.load_state_dict({**callback.state_dict(), "epoch": 2, "phase": 2})
-    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2 * 0.5 ** 2)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-2)
+    assert block_rates(model.optimizer) == pytest.approx(
+        {"b3/kernel": 5e-3, "b3/bias": 5e-3, "b2/kernel": 2.5e-3, "b2/bias": 2.5e-3})
     assert callback.phase == 2
 
 

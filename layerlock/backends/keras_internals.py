@@ -23,6 +23,14 @@ The layouts (Keras 3, tf_keras 2):
   tf_keras trains with the layer flags recorded at ``compile()`` (``_is_compiled``,
   ``_compiled_trainable_state``, refreshed by ``_reset_compile_cache``).
 - the torch Keras backend keeps a variable's ``torch.nn.Parameter`` in ``_value``.
+- per-variable rates (:func:`upgrade`): a Keras 3 optimizer's ``apply`` runs
+  ``_backend_apply_gradients``, which calls ``_apply_weight_decay(variables)`` (reading
+  ``weight_decay`` and ``learning_rate``, through ``_get_current_learning_rate``, and
+  ``_use_weight_decay``) and then ``_backend_update_step(grads, variables, learning_rate)``;
+  that reaches ``update_step(gradient, variable, learning_rate)`` per variable, or on the
+  torch backend a fused ``_parallel_update_step`` over all of them. ``_learning_rate`` holds
+  the float rate's variable or the schedule. :data:`STEP_OWNERS` names the Keras classes
+  that may define each of these; any other definition is refused.
 
 keras and tf_keras are only read from ``sys.modules`` or imported inside functions.
 
@@ -464,3 +472,331 @@ def _name_scope(optimizer: Any, layout: _Layout) -> Any:
 
         return keras.name_scope(optimizer.name, caller=optimizer)
     return nullcontext()
+
+
+# -- per-variable learning rates ------------------------------------------------------------------
+RATES = "_layerlock_rates"     # on a rated optimizer: variable.path -> (multiplier, weight decay or None)
+_LOOKUP = "_layerlock_lookup"  # _var_key(variable) -> the same, rebuilt when a variable is missing
+_FACTOR = "_layerlock_factor"  # the multiplier of the weight-decay group being applied
+_DEFAULT = (1.0, None)
+_RATED: dict[type, type] = {}
+
+# The update path with_rates relies on, method by method: which Keras 3 classes may define it
+# (by name, defined in keras itself). Another definition (a subclass's override, a future
+# Keras) is a path layerlock has not read, and is refused.
+STEP_OWNERS = {
+    "apply": {"BaseOptimizer"},
+    "_backend_apply_gradients": {"BaseOptimizer", "JaxOptimizer"},
+    "_backend_update_step": {"BaseOptimizer", "TFOptimizer", "TorchParallelOptimizer", "Nadam"},
+    "_apply_weight_decay": {"BaseOptimizer", "TFOptimizer", "TorchOptimizer", "Muon"},
+    "_use_weight_decay": {"BaseOptimizer"},
+    "_get_current_learning_rate": {"BaseOptimizer"},
+    "learning_rate": {"BaseOptimizer"},
+}
+# The torch backend's fused steps (``_parallel_update_step``) that keep no state of their own
+# per call, so one call per rate group is the same update. torch's Nadam advances its
+# ``u_product`` in each call: it takes Keras' per-variable path instead.
+FUSED = {"SGD", "Adam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Lion"}
+_ARITY = {"update_step": 3, "_backend_update_step": 3, "_parallel_update_step": 3, "_apply_weight_decay": 1,
+          "_use_weight_decay": 1, "_get_current_learning_rate": 0}
+ACCEPTED = ("layerlock.keras.with_rates takes a Keras 3 optimizer (keras.optimizers.SGD, Adam, AdamW, ..., or a "
+            "LossScaleOptimizer around one), also a subclass that overrides update_step and no private step")
+
+
+def _owner(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def _positional(function: Any) -> int | None:
+    """How many arguments after ``self`` a method takes by position (None: any number)."""
+    import inspect
+
+    params = list(inspect.signature(function).parameters.values())[1:]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _update_path(cls: type) -> type | None:
+    """Check the update path of an optimizer class; return the fused step to go around
+    (torch's Nadam), or None. Raises :class:`BackendError` naming the part it does not know."""
+    def refuse(detail: str) -> BackendError:
+        version = getattr(sys.modules.get("keras"), "__version__", "(version unknown)")
+        return BackendError(f"layerlock cannot give per-variable learning rates to {cls.__module__}.{cls.__qualname__} "
+                            f"(Keras {version}): {detail}. Nothing was changed. {ACCEPTED}.")
+
+    for name, allowed in STEP_OWNERS.items():
+        owner = _owner(cls, name)
+        if owner is None or owner.__module__.partition(".")[0] != "keras" or owner.__name__ not in allowed:
+            where = "nowhere" if owner is None else f"in {owner.__module__}.{owner.__qualname__}"
+            raise refuse(f"its {name} is defined {where}, where layerlock knows {', '.join(sorted(allowed))} "
+                         "of Keras")
+    for name, n in _ARITY.items():
+        method = getattr(cls, name, None)
+        if method is not None and _positional(method) not in (n, None):
+            raise refuse(f"its {name} takes {_positional(method)} arguments, expected {n}")
+    step, fused = _owner(cls, "_backend_update_step"), _owner(cls, "_parallel_update_step")
+    plain = _owner(cls, "update_step")
+    if step is not None and step.__name__ == "TorchParallelOptimizer":
+        if fused is None or fused.__module__.partition(".")[0] != "keras":
+            raise refuse("its fused torch step (_parallel_update_step) is missing or not Keras' own")
+        if fused.__name__ in FUSED:
+            return None
+        after = cls.__mro__[cls.__mro__.index(step) + 1:]
+        nxt = next((c for c in after if "_backend_update_step" in vars(c)), None)
+        if nxt is None or nxt.__name__ not in ("BaseOptimizer", "Nadam") or plain is None \
+                or plain.__name__ == "BaseOptimizer":
+            raise refuse(f"its fused torch step ({fused.__qualname__}) is not one layerlock knows, and there is no "
+                         "per-variable update_step to take instead")
+        return step
+    if plain is None or plain.__name__ == "BaseOptimizer":
+        raise refuse("it has no update_step")
+    return None
+
+
+def _public_name(cls: type) -> str:
+    """The public keras.optimizers name of a Keras class (torch's fused Adam is ``Adam``); for
+    a class of another package, its full name."""
+    keras = sys.modules["keras"]
+    if cls.__module__.partition(".")[0] == "keras":
+        for c in cls.__mro__:
+            if getattr(keras.optimizers, c.__name__, None) is c:
+                return c.__name__
+    return f"[{cls.__module__}.{cls.__qualname__}]"
+
+
+def rated_class(cls: type) -> type:
+    """The cached subclass of an optimizer class that applies a rate per variable (checked,
+    created and registered for Keras serialisation as ``layerlock>Rated<Name>`` on first use).
+
+    >>> import keras
+    >>> rated_class(keras.optimizers.SGD).__name__
+    'RatedSGD'
+    """
+    if issubclass(cls, RatedOptimizer):
+        return cls
+    rated = _RATED.get(cls)
+    if rated is None:
+        around = _update_path(cls)
+        name = f"Rated{_public_name(cls)}"
+        rated = type(name, (RatedOptimizer, cls), {"__module__": __name__, "__qualname__": name,
+                                                    "layerlock_base": cls, "layerlock_around": around})
+        sys.modules["keras"].saving.register_keras_serializable(package="layerlock", name=name)(rated)
+        _RATED[cls] = rated
+    return rated
+
+
+def register_rated_classes() -> None:
+    """Register a rated class for every public ``keras.optimizers`` optimizer layerlock can
+    rate, so that ``keras.models.load_model`` finds the rated optimizers a model was saved with."""
+    keras = sys.modules["keras"]
+    for name in dir(keras.optimizers):
+        cls = getattr(keras.optimizers, name)
+        public = isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+        if public and cls is not keras.optimizers.Optimizer:
+            try:
+                rated_class(cls)
+            except BackendError:
+                pass  # LossScaleOptimizer (its inner one is rated), MultiOptimizer
+
+
+def rated_target(optimizer: Any) -> Any:
+    """The optimizer that would carry per-variable rates for ``optimizer`` (the one a
+    ``LossScaleOptimizer`` wraps), checked; :class:`BackendError` naming the type when it
+    cannot. Changes nothing.
+
+    >>> import keras
+    >>> inner = keras.optimizers.SGD()
+    >>> rated_target(keras.optimizers.LossScaleOptimizer(inner)) is inner
+    True
+    """
+    keras = sys.modules.get("keras")
+    if keras is None or _family(optimizer) != "keras" or not isinstance(optimizer, keras.optimizers.Optimizer):
+        hint = " (keras.optimizers.get(name) makes one from a name)" if isinstance(optimizer, str) else ""
+        raise BackendError(f"{ACCEPTED}; received {type(optimizer).__module__}.{type(optimizer).__qualname__}{hint}")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return rated_target(_attr(optimizer, "inner_optimizer", object))
+    rated_class(type(optimizer))
+    base_rate(optimizer)
+    return optimizer
+
+
+def upgrade(optimizer: Any) -> Any:
+    """Make ``optimizer`` (or the one a LossScaleOptimizer wraps) apply a rate per variable, in
+    place: its class becomes :func:`rated_class` of its own, so slots, ``iterations`` and every
+    reference to it stay as they are. Returns the optimizer that carries the rates.
+
+    >>> import keras
+    >>> opt = keras.optimizers.Adam()
+    >>> upgrade(opt) is opt, type(opt).__name__
+    (True, 'RatedAdam')
+    """
+    target = rated_target(optimizer)
+    rated = rated_class(type(target))
+    if type(target) is not rated:
+        try:
+            object.__setattr__(target, "__class__", rated)
+        except TypeError as exc:
+            raise BackendError(f"could not give {type(target).__qualname__} per-variable rates: {exc}. "
+                               f"Nothing was changed.") from exc
+    return target
+
+
+def base_rate(optimizer: Any) -> float:
+    """The rate a variable without a rate of its own trains at, the one multipliers are
+    relative to: the optimizer's ``learning_rate`` now, or a schedule's rate at step 0.
+
+    >>> import keras
+    >>> base_rate(keras.optimizers.SGD(0.5))
+    0.5
+    """
+    keras = sys.modules["keras"]
+    optimizer = _innermost(optimizer)
+    rate = getattr(optimizer, "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        value, what = rate(0), f"its learning-rate schedule {type(rate).__name__} at step 0"
+    elif isinstance(rate, keras.Variable):
+        value, what = rate, "its learning_rate"
+    else:
+        raise BackendError(f"{type(optimizer).__qualname__} has a learning_rate of type {type(rate).__name__}; "
+                           "per-variable rates are relative to a float learning_rate or a "
+                           "keras.optimizers.schedules.LearningRateSchedule. Nothing was changed.")
+    value = float(keras.ops.convert_to_numpy(value))
+    if not value > 0:
+        raise BackendError(f"{type(optimizer).__qualname__}: {what} is {value:g}, and per-variable rates are "
+                           "multiples of it; give the optimizer a rate > 0 there. Nothing was changed.")
+    return value
+
+
+def multiplier(rate: float, base: float) -> float:
+    """``rate / base``, where 1.0 means the base rate: a rate equal to the base up to the
+    float32 rounding of the optimizer's learning_rate (2**-23) is the base rate.
+
+    >>> multiplier(0.1, 0.10000000149011612), multiplier(0.05, 0.1)
+    (1.0, 0.5)
+    """
+    factor = rate / base
+    return 1.0 if abs(factor - 1.0) <= 2.0 ** -23 else factor
+
+
+def rates_of(optimizer: Any) -> dict[str, tuple[float, float | None]]:
+    """``variable.path -> (multiplier, weight decay or None)`` of the variables with a rate of
+    their own (the others train at the base rate with the optimizer's weight decay)."""
+    return dict(_innermost(optimizer).__dict__.get(RATES, {}))
+
+
+def set_rates(optimizer: Any, multipliers: Mapping[str, float],
+              decays: Mapping[str, float | None] | None = None) -> bool:
+    """Give variables (by ``variable.path``) a rate multiplier and, where ``decays`` names them,
+    a weight decay (None: the optimizer's own); other entries stay. ``optimizer`` is one
+    :func:`upgrade` returned. True when something changed: a train function traced before
+    must then be rebuilt, since rates are read when it is traced."""
+    table: dict[str, tuple[float, float | None]] = dict(optimizer.__dict__.get(RATES, {}))
+    before, decays = dict(table), dict(decays or {})
+    for path in set(multipliers) | set(decays):
+        old = table.get(path, _DEFAULT)
+        entry = (float(multipliers.get(path, old[0])), decays[path] if path in decays else old[1])
+        if entry == _DEFAULT:
+            table.pop(path, None)
+        else:
+            table[path] = entry
+    object.__setattr__(optimizer, RATES, table)
+    object.__setattr__(optimizer, _LOOKUP, None)
+    return table != before
+
+
+class RatedOptimizer:
+    """Mixed in before a Keras 3 optimizer's own class (see :func:`rated_class`): each
+    variable trains at its multiplier times the optimizer's learning rate (so a schedule's
+    factor applies to every rate), and decoupled weight decay uses the variable's rate.
+
+    The rate reaches Keras' public per-variable surface, ``update_step(gradient, variable,
+    learning_rate)``; torch's fused steps run once per group of variables with one rate. The
+    multipliers are Python floats, read when a train function is traced.
+    """
+
+    layerlock_base: type = object
+    layerlock_around: type | None = None
+
+    def _layerlock_entry(self, variable: Any) -> tuple[float, float | None]:
+        key = self._var_key(variable)  # type: ignore[attr-defined]
+        lookup = self.__dict__.get(_LOOKUP)
+        if lookup is None or key not in lookup:
+            table = self.__dict__.get(RATES, {})
+            lookup = {self._var_key(v): table.get(v.path, _DEFAULT)  # type: ignore[attr-defined]
+                      for v in self._trainable_variables}  # type: ignore[attr-defined]
+            lookup.setdefault(key, table.get(getattr(variable, "path", None), _DEFAULT))
+            object.__setattr__(self, _LOOKUP, lookup)
+        return lookup[key]  # type: ignore[no-any-return]
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        factor = self._layerlock_entry(variable)[0]
+        return super().update_step(gradient, variable,  # type: ignore[misc]
+                                   learning_rate if factor == 1.0 else learning_rate * factor)
+
+    def _backend_update_step(self, grads: Any, trainable_variables: Any, learning_rate: Any) -> Any:
+        around = type(self).layerlock_around
+        step: Any = super() if around is None else super(around, self)
+        return step._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _parallel_update_step(self, grads: Any, variables: Any, learning_rate: Any) -> None:
+        groups: dict[float, tuple[list[Any], list[Any]]] = {}
+        for grad, variable in zip(grads, variables):
+            pair = groups.setdefault(self._layerlock_entry(variable)[0], ([], []))
+            pair[0].append(grad)
+            pair[1].append(variable)
+        for factor, (sub_grads, sub_variables) in groups.items():
+            super()._parallel_update_step(sub_grads, sub_variables,  # type: ignore[misc]
+                                          learning_rate if factor == 1.0 else learning_rate * factor)
+
+    def _apply_weight_decay(self, variables: Any) -> None:
+        if not self.__dict__.get(RATES):
+            return super()._apply_weight_decay(variables)  # type: ignore[misc,no-any-return]
+        own = self.weight_decay  # type: ignore[attr-defined]
+        groups: dict[tuple[float, float | None], list[Any]] = {}
+        for variable in variables:
+            factor, decay = self._layerlock_entry(variable)
+            if (own if decay is None else decay):
+                groups.setdefault((factor, decay), []).append(variable)
+        for (factor, decay), group in groups.items():
+            # Keras' decay reads the optimizer's weight_decay and learning_rate: both are the
+            # group's while it runs (one replica thread at a time under tf.distribute).
+            object.__setattr__(self, _FACTOR, factor)
+            object.__setattr__(self, "weight_decay", own if decay is None else decay)
+            try:
+                super()._apply_weight_decay(group)  # type: ignore[misc]
+            finally:
+                object.__setattr__(self, _FACTOR, None)
+                object.__setattr__(self, "weight_decay", own)
+        return None
+
+    def _use_weight_decay(self, variable: Any) -> bool:
+        decay = self._layerlock_entry(variable)[1]
+        return super()._use_weight_decay(variable) if decay is None else decay > 0  # type: ignore[misc]
+
+    def _get_current_learning_rate(self) -> Any:
+        rate = super()._get_current_learning_rate()  # type: ignore[misc]
+        factor = self.__dict__.get(_FACTOR)
+        return rate if factor is None or factor == 1.0 else rate * factor
+
+    def get_config(self) -> dict[str, Any]:
+        """The optimizer's config plus ``layerlock_rates`` (variable path -> learning rate, for
+        the variables with a rate of their own; under a schedule, the rate at step 0) and
+        ``layerlock_weight_decay`` (variable path -> weight decay)."""
+        config: dict[str, Any] = super().get_config()  # type: ignore[misc]
+        base, table = base_rate(self), self.__dict__.get(RATES, {})
+        config["layerlock_rates"] = {p: m * base for p, (m, _) in table.items() if m != 1.0}
+        config["layerlock_weight_decay"] = {p: d for p, (_, d) in table.items() if d is not None}
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], custom_objects: Any = None) -> Any:
+        """Build the optimizer class this one rates from ``config``, then give it the rates."""
+        config = dict(config)
+        rates = dict(config.pop("layerlock_rates", None) or {})
+        decays = dict(config.pop("layerlock_weight_decay", None) or {})
+        optimizer = cls.layerlock_base.from_config(config, custom_objects=custom_objects)  # type: ignore[attr-defined]
+        target = upgrade(optimizer)
+        base = base_rate(target)
+        set_rates(target, {p: multiplier(float(r), base) for p, r in rates.items()}, decays)
+        return optimizer
