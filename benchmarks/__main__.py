@@ -175,13 +175,16 @@ def main(argv: list[str] | None = None) -> Path:
     with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("rates" in args.only) * len(RATE_SUITES)
               + ("trainer" in args.only) + ("import" in args.only),
               desc="benchmarks", unit="task") as bar:
-        for suite in suites:
-            bar.set_postfix_str(f"steps {suite}")
-            why = framework_missing(suite)
-            results["steps"][suite] = {"error": why} if why else run_worker(
-                "steps", suite, [], args, suite_device(suite, device))
-            lap(f"steps {suite}")
-            bar.update()
+        def each_suite(task: str, names: tuple[str, ...] | list[str]) -> None:
+            for suite in names:
+                bar.set_postfix_str(f"{task} {suite}")
+                why = framework_missing(suite)
+                results[task][suite] = {"error": why} if why else run_worker(
+                    task, suite, [], args, suite_device(suite, device))
+                lap(f"{task} {suite}")
+                bar.update()
+
+        each_suite("steps", suites)
         if "apply" in args.only:
             for suite in ("torch", "keras-tf" if not framework_missing("keras-tf") else "keras-torch"):
                 bar.set_postfix_str(f"apply {suite}")
@@ -189,13 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
                 lap(f"apply {suite}")
                 bar.update()
         if "rates" in args.only:
-            for suite in RATE_SUITES:
-                bar.set_postfix_str(f"rates {suite}")
-                why = framework_missing(suite)
-                results["rates"][suite] = {"error": why} if why else run_worker(
-                    "rates", suite, [], args, suite_device(suite, device))
-                lap(f"rates {suite}")
-                bar.update()
+            each_suite("rates", RATE_SUITES)
         if "trainer" in args.only:
             bar.set_postfix_str("Hugging Face Trainer")
             why = framework_missing("trainer")

@@ -2,7 +2,8 @@
 the transformer case, against the plain optimizer in the same run.
 
 - torch: ``param_groups(..., layer_decay=...)`` against the same groups built by hand
-  (AdamW; the target is 1.01x), and a single group for reference;
+  (AdamW; the target is 1.01x), the whole step and ``optimizer.step()`` alone, and a single
+  group for reference;
 - Keras (``keras-tf``, ``keras-torch``, ``keras-jax``): AdamW through
   ``layerlock.keras.with_rates`` against plain AdamW (target 1.03x);
 - ``jax`` (Flax NNX, optax): AdamW in ``layerlock.jax.multi_transform`` over the groups, and
@@ -37,6 +38,7 @@ def torch_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
         torch.manual_seed(0)
         model = case.build(s)
         x, y = case.batch(s, "cpu")
+        mode, _, only = mode.partition(":")
         if mode == "layerlock":
             groups: Any = llt.param_groups(model, LR, layer_decay=DECAY, within="backbone.layers")
         elif mode == "hand":  # what people write: one group per encoder layer, by name
@@ -46,6 +48,9 @@ def torch_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
         else:
             groups = model.parameters()
         opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD)
+        if only:  # the optimizer step alone, on fixed gradients: where groups could cost anything
+            F.cross_entropy(case.head(model, case.features(model, x)), y).backward()
+            return opt.step
 
         def step() -> None:
             F.cross_entropy(case.head(model, case.features(model, x)), y).backward()
@@ -53,7 +58,7 @@ def torch_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
             opt.zero_grad(set_to_none=True)
         return step
 
-    return {m: make(m) for m in ("plain", "hand", "layerlock")}, lambda: None
+    return {m: make(m) for m in ("plain", "hand", "layerlock", "hand:optimizer", "layerlock:optimizer")}, lambda: None
 
 
 def keras_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
@@ -96,6 +101,7 @@ def nnx_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
 
     def make(mode: str) -> Step:
         model = case.build(s, nnx.Rngs(params=0, dropout=1))
+        model.train()  # dropout on, as in the step suite
         x, y = case.batch(s)
         tx = optax.adamw(LR, weight_decay=WD)
         if mode == "groups":
@@ -130,9 +136,14 @@ BASELINE = {"torch": "hand"}   # what each suite's layerlock modes are compared 
 
 
 def run(suite: str, quick: bool, reps: int) -> dict[str, Any]:
-    """Every mode of ``suite`` timed round-robin; each mode's time over its baseline's."""
+    """Every mode of ``suite`` timed round-robin; each mode's time over its baseline's (a
+    ``mode:optimizer`` one over ``baseline:optimizer``)."""
     steps, sync = SUITES[suite](quick)
     modes = interleave(steps, reps=reps, sync=sync)
     base = BASELINE.get(suite, "plain")
+
+    def baseline(mode: str) -> str:
+        return f"{base}:optimizer" if mode.endswith(":optimizer") else base
+
     return {"modes": modes, "baseline": base,
-            "ratios": {m: ratio(modes, m, base) for m in modes if m != base}}
+            "ratios": {m: ratio(modes, m, baseline(m)) for m in modes if m not in (base, baseline(m))}}

@@ -151,7 +151,7 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     v = _ratios(results, "torch", "eval/frozen", ("transformer",))
     rows.append(["frozen_mode='eval' ≤ 0.5× frozen train-mode step (torch Transformer)", _span(v),
                  _verdict(None if not v else max(v) <= 0.5, f"{max(v or [0]):.2f}×")])
-    for suites, mode, bound in ((("torch",), "layerlock", 1.01),
+    for suites, mode, bound in ((("torch",), "layerlock", 1.01), (("torch",), "layerlock:optimizer", 1.01),
                                 (("keras-tf", "keras-torch", "keras-jax"), "layerlock", 1.03),
                                 (("jax",), "groups", 1.02), (("jax",), "per_leaf", 1.02)):
         v = [r for s in suites if (r := results.get("rates", {}).get(s, {}).get("ratios", {}).get(mode))]
@@ -334,7 +334,8 @@ def trainer_section(data: dict[str, Any]) -> list[str]:
 
 
 RATE_MODES = {"plain": "plain optimizer, one rate", "hand": "param groups built by hand",
-              "layerlock": "layerlock rates", "groups": "`layerlock.jax.multi_transform` over the groups",
+              "layerlock": "layerlock rates", "hand:optimizer": "hand-built groups, `optimizer.step()` alone",
+              "layerlock:optimizer": "layerlock groups, `optimizer.step()` alone", "groups": "`layerlock.jax.multi_transform` over the groups",
               "per_leaf": "`optax.chain(tx, layerlock.jax.scale_by_rates())`"}
 
 
@@ -348,7 +349,7 @@ def rates_section(rates: dict[str, Any]) -> list[str]:
         for mode, v in data["modes"].items():
             r = data["ratios"].get(mode)
             rows.append([suite, RATE_MODES.get(mode, mode), _ms(v["median"]),
-                         "baseline" if mode == data["baseline"] else _x(r)])
+                         "baseline" if r is None else _x(r)])
     return ["Transformer case, AdamW, layer-wise decay 0.75 per encoder layer (one rate per layer); "
             "each mode against its suite's baseline (torch: the same groups built by hand; "
             "elsewhere: the plain optimizer), modes interleaved in one run.", "",

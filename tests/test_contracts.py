@@ -12,7 +12,9 @@ import pytest
 
 import layerlock as ll
 
-MODULES = {"torch": "torch", "keras": "keras", "flax": "flax", "lightning": "lightning", "transformers": "transformers"}
+MODULES = {"torch": "torch", "keras": "keras", "flax": "flax", "jax": "optax", "lightning": "lightning",
+           "transformers": "transformers"}
+PARAM_GROUPS = ("torch", "keras", "flax", "jax")
 SYNC_OPTIMIZER = ("torch", "keras", "flax")
 FREEZE_SCHEDULER = ("torch", "keras", "flax", "lightning", "transformers")
 LOOP_OWNS_RESUMING = ("torch", "keras", "flax")  # Lightning and the Trainer resume through their checkpoints
@@ -36,6 +38,18 @@ def test_sync_optimizer_takes_optimizer_and_model_then_keywords_only_and_returns
     assert [(p.name, p.kind) for p in params[:2]] == [("optimizer", positional), ("model", positional)]
     assert all(p.kind is p.KEYWORD_ONLY for p in params[2:]), params
     assert inspect.signature(helpers(name).sync_optimizer).return_annotation == "list[str]"
+
+
+@pytest.mark.parametrize("name", PARAM_GROUPS)
+def test_param_groups_take_the_same_arguments_as_ll_rates(name):
+    """``param_groups`` is built from ``ll.rates``: the same names, kinds and defaults after the
+    model (``tree`` in layerlock.jax), which comes first."""
+    groups, table = parameters(helpers(name).param_groups), parameters(ll.rates)
+    def described(params):
+        return sorted((p.name, p.kind, repr(p.default)) for p in params[1:])
+
+    assert described(groups) == described(table)
+    assert groups[0].name == ("tree" if name == "jax" else "model")
 
 
 @pytest.mark.parametrize("name", FREEZE_SCHEDULER)
