@@ -7,8 +7,9 @@ the transformer case, against the plain optimizer in the same run.
 - Keras (``keras-tf``, ``keras-torch``, ``keras-jax``): AdamW through
   ``layerlock.keras.with_rates`` against plain AdamW (target 1.03x);
 - ``jax`` (Flax NNX, optax): AdamW in ``layerlock.jax.multi_transform`` over the groups, and
-  plain AdamW chained with ``layerlock.jax.scale_by_rates`` (the per-leaf rates a phase
-  ``lr`` uses), against plain AdamW (target 1.02x).
+  one AdamW chained with ``layerlock.jax.scale_by_rates(groups, lr=...)`` (per-leaf
+  multipliers, what a phase ``lr`` uses too), against plain AdamW (target 1.02x), the whole step and the jitted optimizer
+  update alone.
 
 Each mode is a fresh model; modes are timed round-robin by ``measure.interleave``.
 """
@@ -103,12 +104,28 @@ def nnx_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
         model = case.build(s, nnx.Rngs(params=0, dropout=1))
         model.train()  # dropout on, as in the step suite
         x, y = case.batch(s)
+        mode, _, only = mode.partition(":")
         tx = optax.adamw(LR, weight_decay=WD)
+        groups = llf.param_groups(model, LR, layer_decay=DECAY, within=BACKBONE)
         if mode == "groups":
-            groups = llf.param_groups(model, LR, layer_decay=DECAY, within=BACKBONE)
             tx = llj.multi_transform(lambda lr: optax.adamw(lr, weight_decay=WD), groups)
         elif mode == "per_leaf":
-            tx = optax.chain(tx, llj.scale_by_rates())
+            tx = optax.chain(tx, llj.scale_by_rates(groups, lr=LR))
+        if only:  # the optimizer update alone, on fixed gradients
+            params = nnx.state(model, nnx.Param)
+            state = [tx.init(params)]
+            grads = jax.tree.map(lambda p: p * 1e-3, params)
+
+            @jax.jit
+            def update(params: Any, state: Any, grads: Any) -> Any:
+                updates, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), state
+
+            def apply() -> None:
+                nonlocal params
+                params, state[0] = update(params, state[0], grads)
+                jax.block_until_ready(params)
+            return apply
         optimizer = nnx.Optimizer(model, tx, wrt=llf.trainable)
 
         @nnx.jit
@@ -127,7 +144,8 @@ def nnx_steps(quick: bool) -> tuple[dict[str, Step], Callable[[], None]]:
             jax.block_until_ready(last[0])
         return step
 
-    return {m: make(m) for m in ("plain", "groups", "per_leaf")}, sync("cpu")
+    modes = ("plain", "groups", "per_leaf")
+    return {m: make(m) for m in (*modes, *(f"{m}:optimizer" for m in modes))}, sync("cpu")
 
 
 SUITES = {"torch": torch_steps, "keras-tf": keras_steps, "keras-torch": keras_steps, "keras-jax": keras_steps,

@@ -153,7 +153,8 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                  _verdict(None if not v else max(v) <= 0.5, f"{max(v or [0]):.2f}×")])
     for suites, mode, bound in ((("torch",), "layerlock", 1.01), (("torch",), "layerlock:optimizer", 1.01),
                                 (("keras-tf", "keras-torch", "keras-jax"), "layerlock", 1.03),
-                                (("jax",), "groups", 1.02), (("jax",), "per_leaf", 1.02)):
+                                (("jax",), "groups", 1.02), (("jax",), "per_leaf", 1.02),
+                                (("jax",), "groups:optimizer", 1.02), (("jax",), "per_leaf:optimizer", 1.02)):
         v = [r for s in suites if (r := results.get("rates", {}).get(s, {}).get("ratios", {}).get(mode))]
         rows.append([f"per-parameter rates ({', '.join(suites)}: {RATE_MODES[mode]}) ≤ {bound}× its baseline",
                      "not run" if not v else " / ".join(f"{x:.3f}" for x in v),
@@ -336,7 +337,9 @@ def trainer_section(data: dict[str, Any]) -> list[str]:
 RATE_MODES = {"plain": "plain optimizer, one rate", "hand": "param groups built by hand",
               "layerlock": "layerlock rates", "hand:optimizer": "hand-built groups, `optimizer.step()` alone",
               "layerlock:optimizer": "layerlock groups, `optimizer.step()` alone", "groups": "`layerlock.jax.multi_transform` over the groups",
-              "per_leaf": "`optax.chain(tx, layerlock.jax.scale_by_rates())`"}
+              "per_leaf": "`optax.chain(tx, layerlock.jax.scale_by_rates(groups, lr=...))`",
+              "plain:optimizer": "plain optimizer, update alone",
+              "groups:optimizer": "`multi_transform`, update alone", "per_leaf:optimizer": "`scale_by_rates`, update alone"}
 
 
 def rates_section(rates: dict[str, Any]) -> list[str]:

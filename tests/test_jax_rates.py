@@ -499,3 +499,17 @@ def test_a_parameter_in_no_group_of_a_multi_transform_is_refused_when_added():
     with pytest.raises(ll.SpecError, match="body.bias, body.kernel are in no group.*never move them"):
         llf.sync_optimizer(optimizer, model)
     assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.parametrize("kind", TREES)
+def test_scale_by_rates_from_groups_moves_each_leaf_by_its_group_rate_through_one_optimizer(kind):
+    params, within = TREES[kind]()
+    groups = llj.param_groups(params, BASE, layer_decay=0.5, within=within)
+    tx = optax.chain(optax.sgd(BASE), llj.scale_by_rates(groups, lr=BASE))
+    grads = random_like(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    rates, g, u = rate_of(groups), flat(grads), flat(updates)
+    for path in u:
+        np.testing.assert_allclose(u[path], -rates[path] * g[path], rtol=RTOL, err_msg=path)
+    with pytest.raises(ll.SpecError, match="scale_by_rates: lr .* received None"):
+        llj.scale_by_rates(groups)
