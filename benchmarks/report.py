@@ -355,7 +355,9 @@ def rates_section(rates: dict[str, Any]) -> list[str]:
                          "baseline" if r is None else _x(r)])
     return ["Transformer case, AdamW, layer-wise decay 0.75 per encoder layer (one rate per layer); "
             "each mode against its suite's baseline (torch: the same groups built by hand; "
-            "elsewhere: the plain optimizer), modes interleaved in one run.", "",
+            "elsewhere: the plain optimizer), modes interleaved in one run. The optimizer is a few percent "
+            "of a whole step, so the whole-step ratios are mostly the machine's run-to-run noise; the "
+            "`alone` rows time the optimizer by itself on fixed gradients.", "",
             table(["suite", "mode", "median step ms", "÷ baseline"], rows), ""]
 
 
