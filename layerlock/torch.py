@@ -26,12 +26,13 @@ from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
 from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
+from .operations import plan as plan_of
 from .rate_table import rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .spec import Spec
-from .stepper import LoopScheduler
+from .stepper import LoopScheduler, PhaseStepper, Transition
 
 __all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
            "check_ranks", "unwrap", "TorchBackend"]
@@ -131,6 +132,7 @@ def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPol
     """Apply ``spec`` to the module inside a DistributedDataParallel wrapper and wrap it
     again with the same arguments, so DDP's reducer sees the new trainable set. Call it
     on every rank; parameters stay the same objects, so optimizers keep working.
+    :class:`FreezeScheduler` does this by itself at each phase change.
 
     ``model, plan = layerlock.torch.rewrap(model, ll.unfreeze("backbone.layer4"))``
     """
@@ -138,10 +140,36 @@ def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPol
     if ddp is None:
         raise DistributedFreezeError(f"rewrap() takes a DistributedDataParallel model; received "
                                      f"{type(model).__name__}. Use ll.apply() for unwrapped models.")
-    inner = ddp.module
-    result = apply(inner, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
-    wrapped = torch.nn.parallel.DistributedDataParallel(inner, **ddp_arguments(ddp))
-    return wrapped, result
+    result = apply(ddp.module, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
+    return _wrap_again(ddp), result
+
+
+def _wrap_again(ddp: torch.nn.parallel.DistributedDataParallel) -> torch.nn.parallel.DistributedDataParallel:
+    """A new DistributedDataParallel around ``ddp``'s module, built with ``ddp``'s arguments."""
+    return torch.nn.parallel.DistributedDataParallel(ddp.module, **ddp_arguments(ddp))
+
+
+def _refuse_unrewrappable(model: torch.nn.Module) -> None:
+    """Refuse, before anything changes, a DDP model that a FreezeScheduler could not wrap again."""
+    ddp = ddp_of(model)
+    if ddp is None:
+        return
+    if ddp.static_graph:
+        raise DistributedFreezeError(
+            "FreezeScheduler re-wraps the model at each phase change, and a schedule changes the graph; "
+            "received DistributedDataParallel(static_graph=True). Wrap it with static_graph=False (the "
+            "default) and pass that to FreezeScheduler.")
+    if type(ddp) is not torch.nn.parallel.DistributedDataParallel:
+        raise DistributedFreezeError(
+            f"FreezeScheduler re-wraps the model at each phase change and cannot rebuild a "
+            f"{type(ddp).__name__} (a subclass of DistributedDataParallel with its own constructor). "
+            "Wrap the module in torch.nn.parallel.DistributedDataParallel itself.")
+    if ddp is not model:
+        raise DistributedFreezeError(
+            f"FreezeScheduler re-wraps the model at each phase change and cannot rebuild the "
+            f"{type(model).__name__} around DistributedDataParallel (received a compiled or otherwise "
+            "wrapped DDP). Pass the DistributedDataParallel wrapper itself; compile the inner module "
+            "(DistributedDataParallel(torch.compile(net))) if you compile.")
 
 
 def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
@@ -168,6 +196,16 @@ def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
     return digest
 
 
+class _InsideDDP(PhaseStepper):
+    """A :class:`PhaseStepper` that applies each phase to the module inside the DDP wrapper it
+    is given: the wrapper's reducer cannot take the change, and the scheduler's sync then
+    wraps the module again."""
+
+    def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
+        ddp = ddp_of(model)
+        return super().step(model if ddp is None else ddp.module, at, sync)
+
+
 class FreezeScheduler(LoopScheduler):
     """Apply a :class:`~layerlock.Schedule` in a plain PyTorch loop: call ``step(epoch)`` at
     the start of each epoch; on a phase change it applies the spec, adds newly trainable
@@ -184,21 +222,61 @@ class FreezeScheduler(LoopScheduler):
     ``optimizer.load_state_dict``: it replays the phases so the optimizer has the same
     param groups as the interrupted run.
 
+    Given a ``DistributedDataParallel`` model, each phase change applies the spec to the
+    module inside and wraps it again with the same DDP arguments, so the reducer all-reduces
+    exactly the new trainable set (frozen parameters are out of backward and of the
+    all-reduce). The parameters stay the same objects, so the optimizer and its state keep
+    working. ``freezer.model`` is the wrapper in force: run the forward pass through it after
+    every ``step`` and keep no other reference to an old one. Every rank must call ``step``
+    with the same epoch; at each change the ranks' trainable sets are compared
+    (:func:`check_ranks`). A comm hook is not carried to the new wrapper. A wrapper built with
+    ``static_graph=True``, a DDP subclass, or one inside ``torch.compile`` is refused here
+    with :class:`~layerlock.DistributedFreezeError`::
+
+        freezer = FreezeScheduler(schedule, DistributedDataParallel(net), optimizer)
+        for epoch in range(epochs):
+            freezer.step(epoch)                      # on every rank, with the same epoch
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss_fn(freezer.model(x), y).backward()
+                optimizer.step()
+
     >>> import torch, layerlock as ll
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
     >>> fs = FreezeScheduler(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}), net, opt, log=None)
-    >>> _ = fs.step(0); net[0].weight.requires_grad
-    False
+    >>> _ = fs.step(0); net[0].weight.requires_grad, fs.model is net
+    (False, True)
     """
+
+    model: torch.nn.Module
+    """The model to train: the one given, or under DDP the wrapper built at the latest phase change."""
 
     def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
+        _refuse_unrewrappable(model)
         super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
         self.optimizer, self.scheduler = optimizer, scheduler
+        if ddp_of(model) is not None:
+            for phase in schedule.phases:  # DDP refuses to wrap a module with nothing to train
+                if not plan_of(unwrap(model), schedule.spec_at(phase.epoch), **self.stepper.options).trainable_scalars:
+                    raise DistributedFreezeError(
+                        f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
+                        "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
+                        "Keep at least one parameter trainable in every phase.")
+            self.stepper = _InsideDDP(schedule, **self.stepper.options)
+
+    @property
+    def _module(self) -> torch.nn.Module:
+        """The user's model inside any wrapper: what the phases are applied to."""
+        return unwrap(self.model)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
+        ddp = ddp_of(self.model)
+        if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
+            check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
+            self.model = _wrap_again(ddp)
         if self.optimizer is None:
             return ""
         optimizer = unwrap_prepared(self.optimizer)
@@ -206,7 +284,7 @@ class FreezeScheduler(LoopScheduler):
             # What this phase makes trainable trains at its lr, also where the optimizer already
             # holds it (built from model.parameters()): it moves, with its state, to the new group.
             _take_out(optimizer, {p for p in plan.params if p.trainable_after and not p.trainable_before},
-                      unwrap(self.model))
+                      self._module)
         # The phase's lr (else the optimizer's default) is a base rate: under an LR scheduler the
         # new group runs at it times the factor the scheduler gives the existing groups now.
         settings: dict[str, Any] = {} if phase.lr is None else {"lr": phase.lr}
@@ -215,17 +293,18 @@ class FreezeScheduler(LoopScheduler):
             first = next((g for g in optimizer.param_groups if g.get("initial_lr")), None)
             factor = first["lr"] / first["initial_lr"] if first is not None else 1.0
             settings = {"lr": base * factor, "initial_lr": base}
-        added = _add_untracked(optimizer, self.model, settings, self.scheduler)
+        added = _add_untracked(optimizer, self._module, settings, self.scheduler)
         if not added:
             return ""
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "structure": structure_fingerprint(self.model)}
+        return {**super().state_dict(), "structure": structure_fingerprint(self._module)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the phase (replaying phases so optimizer groups match the saved run)."""
-        if structure_fingerprint(self.model) != state.get("structure"):
+        """Restore the phase (replaying phases so optimizer groups match the saved run; under
+        DDP ``self.model`` is then the wrapper of the saved phase)."""
+        if structure_fingerprint(self._module) != state.get("structure"):
             raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
                                  "(parameter paths or shapes differ); load it into the same architecture")
         super().load_state_dict(state)

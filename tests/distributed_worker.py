@@ -2,6 +2,8 @@
 
 import os
 import traceback
+from collections import OrderedDict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -9,6 +11,7 @@ from torch import nn
 
 import layerlock as ll
 import layerlock.torch as llt
+from layerlock.backends import torch_internals as internals
 
 DDP = nn.parallel.DistributedDataParallel
 
@@ -146,6 +149,123 @@ def main(rank, world, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         queue.put((rank, scenarios(rank)))
+    except Exception:
+        queue.put((rank, {"crash": traceback.format_exc()}))
+    finally:
+        dist.destroy_process_group()
+
+
+# -- FreezeScheduler carrying a schedule through DDP (tests/test_distributed_schedule_torch.py) --
+
+def body_head():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    return nn.Sequential(OrderedDict(body=body, head=nn.Linear(16, 2)))
+
+
+def schedule():
+    return ll.Schedule({0: ll.freeze("body"), 2: ll.unfreeze()}, lr={2: 1e-3})
+
+
+def scheduled(rank, epochs, *, count_bytes=False, resume=None):
+    """Train body -> head in DDP under ``schedule()`` for ``epochs`` x 2 steps with the
+    scheduler alone handling the wrapper; per epoch: ranks in sync, body unchanged, the
+    wrapper in force and (count_bytes) the gradient bytes all-reduced per step."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    inner = body_head()
+    ddp = DDP(inner)  # kept alive on purpose: an old wrapper a user still holds must not interfere
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    freezer = llt.FreezeScheduler(schedule(), ddp, opt, log=None)
+    if resume is not None:
+        saved = torch.load(resume, weights_only=False)
+        inner.load_state_dict(saved["model"])
+        freezer.load_state_dict(saved["freezer"])
+        opt.load_state_dict(saved["optimizer"])
+    body0 = torch.cat([p.detach().flatten() for p in inner.body.parameters()]).clone()
+    sent = {"bytes": 0}
+
+    def counting(state, bucket):
+        state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return default_hooks.allreduce_hook(None, bucket)
+
+    hooked, log = None, []
+    for epoch in epochs:
+        freezer.step(epoch)
+        if count_bytes and freezer.model is not hooked:
+            freezer.model.register_comm_hook(sent, counting)
+            hooked = freezer.model
+        sent["bytes"] = 0
+        for step in range(2):
+            g = torch.Generator().manual_seed(1000 * rank + 10 * epoch + step)
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(freezer.model(x), y).backward()
+            opt.step()
+        body = torch.cat([p.detach().flatten() for p in inner.body.parameters()])
+        log.append({"epoch": epoch, "synced": in_sync(inner), "body_same": torch.equal(body, body0),
+                    "wrapper": id(freezer.model), "is_ddp": type(freezer.model) is DDP,
+                    "module_same": freezer.model.module is inner, "bytes_per_step": sent["bytes"] / 2,
+                    "tracked": internals.ddp_tracked_count(freezer.model)})
+    return {"log": log, "final": flat(inner), "original_wrapper": id(ddp), "freezer": freezer,
+            "optimizer": opt, "inner": inner}
+
+
+def schedule_scenarios(rank, tmp):
+    out = {}
+    run = scheduled(rank, range(4), count_bytes=True)
+    inner = run["inner"]
+    trainable = sum(p.numel() for p in inner.head.parameters())
+    out["schedule"] = {"log": run["log"], "original_wrapper": run["original_wrapper"],
+                       "trainable_share": trainable / sum(p.numel() for p in inner.parameters()),
+                       "head_tensors": len(list(inner.head.parameters())),
+                       "all_tensors": len(list(inner.parameters()))}
+
+    reference = scheduled(rank, range(4))
+    torch.save(reference["final"], os.path.join(tmp, f"uninterrupted{rank}.pt"))
+    stopped = scheduled(rank, range(3))  # stopped after epoch 2, in the second phase
+    torch.save({"model": stopped["inner"].state_dict(), "optimizer": stopped["optimizer"].state_dict(),
+                "freezer": stopped["freezer"].state_dict()}, os.path.join(tmp, f"checkpoint{rank}.pt"))
+
+    inner = make()
+    ddp = DDP(inner, static_graph=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    error = refused(lambda: llt.FreezeScheduler(schedule_small(), ddp, opt, log=None))
+    out["static_graph"] = {"error": error, "unchanged": all(p.requires_grad for p in inner.parameters())
+                           and len(opt.param_groups) == 1 and ddp.module is inner}
+    ddp = DDP(make())
+    out["other_refusals"] = {
+        "compiled": refused(lambda: llt.FreezeScheduler(schedule_small(), torch.compile(ddp), None, log=None)),
+        "nothing_trainable": refused(lambda: llt.FreezeScheduler(ll.Schedule({0: ll.freeze()}), ddp, None, log=None)),
+        "unchanged": all(p.requires_grad for p in ddp.parameters())}
+
+    inner = body_head()
+    ddp = DDP(inner)
+    freezer = llt.FreezeScheduler(schedule(), ddp, None, log=None)
+    if rank == 1:
+        inner.head.bias.requires_grad_(False)  # this rank's trainable set differs from rank 0's
+    out["ranks_disagree"] = {"error": refused(lambda: freezer.step(0))}
+    return out
+
+
+def schedule_small():
+    return ll.Schedule({0: ll.freeze("0"), 1: ll.unfreeze()})
+
+
+def resume_scenarios(rank, tmp):
+    run = scheduled(rank, [3], resume=os.path.join(tmp, f"checkpoint{rank}.pt"))
+    reference = torch.load(os.path.join(tmp, f"uninterrupted{rank}.pt"))
+    return {"resume": {"equal": torch.equal(run["final"], reference), "synced": run["log"][-1]["synced"],
+                       "phase": run["freezer"].phase, "tracked": run["log"][-1]["tracked"]}}
+
+
+def schedule_main(rank, world, port, queue, job, tmp):
+    """Entry point of the schedule tests: ``job`` is "train" (first processes) or "resume"."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        queue.put((rank, (schedule_scenarios if job == "train" else resume_scenarios)(rank, tmp)))
     except Exception:
         queue.put((rank, {"crash": traceback.format_exc()}))
     finally:

@@ -1,0 +1,110 @@
+"""layerlock.torch.FreezeScheduler carries a schedule through DDP by itself: two real
+processes over loopback gloo, re-wrapped at each phase change, resumed in new processes."""
+
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+
+from . import distributed_worker  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(job, tmp):
+    """Run ``job`` on 2 spawned ranks; each ends by itself or is killed after the timeouts."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=distributed_worker.schedule_main, args=(r, 2, port, queue, job, str(tmp)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=90) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for out in results.values():
+        assert "crash" not in out, out.get("crash")
+    return results
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp-schedule")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp):
+    return spawn("train", tmp)
+
+
+@pytest.fixture(scope="module")
+def resumed(ranks, tmp):
+    return spawn("resume", tmp)  # after `ranks`, which saved the checkpoint and the reference
+
+
+def both(results, scenario):
+    return [results[r][scenario] for r in (0, 1)]
+
+
+def test_ranks_stay_bit_identical_through_every_phase(ranks):
+    for r in both(ranks, "schedule"):
+        assert [e["synced"] for e in r["log"]] == [True] * 4
+
+
+def test_body_is_bit_identical_while_frozen_and_trains_once_unfrozen(ranks):
+    for r in both(ranks, "schedule"):
+        assert [e["body_same"] for e in r["log"]] == [True, True, False, False]
+
+
+def test_the_scheduler_rewraps_at_each_phase_change_and_model_is_the_new_wrapper(ranks):
+    for r in both(ranks, "schedule"):
+        wrappers = [e["wrapper"] for e in r["log"]]
+        assert all(e["is_ddp"] and e["module_same"] for e in r["log"])
+        assert wrappers[0] == wrappers[1] != wrappers[2] == wrappers[3]
+        assert r["original_wrapper"] not in wrappers  # the frozen phase needed a wrapper of its own too
+
+
+def test_the_reducer_covers_only_the_trainable_parameters_in_the_frozen_phase(ranks):
+    for r in both(ranks, "schedule"):
+        frozen, full = r["log"][0], r["log"][3]
+        assert (frozen["tracked"], full["tracked"]) == (r["head_tensors"], r["all_tensors"])
+        ratio = frozen["bytes_per_step"] / full["bytes_per_step"]
+        print(f"bytes all-reduced per step: frozen {frozen['bytes_per_step']:.0f}, full "
+              f"{full['bytes_per_step']:.0f}, ratio {ratio:.4f}, trainable share {r['trainable_share']:.4f}")
+        assert ratio == pytest.approx(r["trainable_share"], rel=1e-6)
+
+
+def test_a_run_stopped_in_the_second_phase_resumes_bit_identical_in_new_processes(resumed):
+    for r in both(resumed, "resume"):
+        assert r["equal"] and r["synced"] and r["phase"] == 1 and r["tracked"] == 6
+
+
+def test_a_static_graph_wrapper_is_refused_at_construction_and_nothing_changes(ranks):
+    for r in both(ranks, "static_graph"):
+        assert r["error"] and "static_graph=True" in r["error"] and "static_graph=False" in r["error"]
+        assert r["unchanged"]
+
+
+def test_ranks_that_reach_a_phase_with_different_trainable_sets_are_refused_on_every_rank(ranks):
+    for r in both(ranks, "ranks_disagree"):
+        assert r["error"] and "ranks disagree" in r["error"]
+
+
+def test_a_compiled_wrapper_or_a_phase_with_nothing_trainable_is_refused_with_what_to_do(ranks):
+    for r in both(ranks, "other_refusals"):
+        assert "torch.compile(net)" in r["compiled"] and "at least one parameter" in r["nothing_trainable"]
+        assert r["unchanged"]
