@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .backends.wrappers import ddp_of
+from .errors import DistributedFreezeError
+from .operations import plan as plan_of
 from .resolver import BnPolicy
 from .schedule import Schedule
 from .stepper import PhaseStepper, log_option
@@ -19,9 +22,11 @@ from .torch import FreezeScheduler as _LoopScheduler
 
 try:
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
     from lightning.pytorch.utilities import rank_zero_info
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy  # type: ignore[no-redef,assignment]
     from pytorch_lightning.utilities import rank_zero_info  # type: ignore[no-redef]
 
 __all__ = ["FreezeScheduler"]
@@ -37,6 +42,14 @@ class FreezeScheduler(Callback):
 
     ``verbose=`` (the old name of ``log``) works for one more release, with a
     ``DeprecationWarning``; ``verbose=False`` is ``log=None``.
+
+    Under ``strategy="ddp"``, ``"ddp_find_unused_parameters_true"`` or ``"ddp_spawn"``, each
+    phase change that changes the trainable set applies the phase to the LightningModule
+    and puts a new ``DistributedDataParallel``, built with the strategy's arguments, in
+    ``trainer.strategy.model`` (as :class:`layerlock.torch.FreezeScheduler` re-wraps), so
+    DDP's reducer all-reduces exactly the trainable parameters and the ranks stay
+    identical. FSDP and DeepSpeed, which fix the trainable set when they wrap, are refused
+    in ``setup`` with :class:`~layerlock.DistributedFreezeError` when the schedule changes it.
     """
 
     def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -53,24 +66,58 @@ class FreezeScheduler(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.loop = _LoopScheduler(self.schedule, pl_module, None, log=self._log, **self.options)
+            _refuse_fixed_wrappers(trainer.strategy, self.schedule, pl_module, self.options)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # The strategy has wrapped the module by now, and no step has run yet.
         assert self.loop is not None
-        if trainer.optimizers:
-            optimizer = trainer.optimizers[0]
-            self.loop.optimizer = optimizer
-            self.loop.scheduler = next((c.scheduler for c in trainer.lr_scheduler_configs
-                                        if getattr(c.scheduler, "optimizer", None) is optimizer), None)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        scheduler = None if optimizer is None else next(
+            (c.scheduler for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is optimizer),
+            None)
+        wrapper = trainer.strategy.model
+        if wrapper is not pl_module:
+            ddp = ddp_of(wrapper)
+            if ddp is None or ddp.module is not pl_module:
+                raise DistributedFreezeError(
+                    f"{type(trainer.strategy).__name__} wraps the LightningModule in a {type(wrapper).__name__}, "
+                    "which layerlock cannot rebuild at a phase change. Use strategy=\"ddp\" (or \"ddp_spawn\").")
+            # Phases go to the module inside DDP; a changed trainable set gets a new wrapper.
+            self.loop = _LoopScheduler(self.schedule, wrapper, None, log=self._log, **self.options)
+        self.loop.optimizer, self.loop.scheduler = optimizer, scheduler
         if self._resume is not None:
-            self.loop.load_state_dict(self._resume)
+            self.loop.load_state_dict(self._resume)  # before Lightning restores the optimizer
             self._resume = None
+            self._install(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         assert self.loop is not None
         self.loop.step(trainer.current_epoch)
+        self._install(trainer)
+
+    def _install(self, trainer: Any) -> None:
+        """Hand the strategy the DDP wrapper the loop built at the latest change (if any)."""
+        assert self.loop is not None
+        if ddp_of(self.loop.model) is not None and trainer.strategy.model is not self.loop.model:
+            trainer.strategy.model = self.loop.model
 
     def state_dict(self) -> dict[str, Any]:
         return self.loop.state_dict() if self.loop is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) or None
+
+
+def _refuse_fixed_wrappers(strategy: Any, schedule: Schedule, module: Any, options: dict[str, Any]) -> None:
+    """Refuse, before anything is wrapped, a strategy whose wrapper fixes the trainable set
+    (FSDP1 flattens parameters, DeepSpeed builds its engine) when the schedule changes it."""
+    if not isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        return
+    start = {n for n, p in module.named_parameters() if p.requires_grad}
+    for phase in schedule.phases:
+        trainable = set(plan_of(module, schedule.spec_at(phase.epoch), **options).trainable)
+        if trainable != start:
+            raise DistributedFreezeError(
+                f"{type(strategy).__name__} fixes the trainable set when it wraps the model, and this schedule "
+                f"changes it at epoch {phase.epoch} ({phase.spec!r}). Use strategy=\"ddp\" (or \"ddp_spawn\"), "
+                "which layerlock re-wraps at each phase change; or apply one fixed spec before fit.")
