@@ -1,6 +1,7 @@
 """Runs in each rank of the multi-process DDP tests (loopback gloo); reports through a queue."""
 
 import os
+import socket
 import traceback
 from collections import OrderedDict
 from datetime import timedelta
@@ -270,3 +271,32 @@ def schedule_main(rank, world, port, queue, job, tmp):
         queue.put((rank, {"crash": traceback.format_exc()}))
     finally:
         dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, *args, world=2, timeout=90):
+    """Run ``target(rank, world, port, queue, *args)`` on ``world`` spawned processes over
+    loopback; their results by rank. Each ends by itself or is killed after the timeouts."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for out in results.values():
+        assert "crash" not in out, out.get("crash")
+    return results

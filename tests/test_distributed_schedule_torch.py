@@ -1,44 +1,18 @@
 """layerlock.torch.FreezeScheduler carries a schedule through DDP by itself: two real
 processes over loopback gloo, re-wrapped at each phase change, resumed in new processes."""
 
-import socket
-
 import pytest
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
 from . import distributed_worker  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(job, tmp):
-    """Run ``job`` on 2 spawned ranks; each ends by itself or is killed after the timeouts."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=distributed_worker.schedule_main, args=(r, 2, port, queue, job, str(tmp)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=90) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    for out in results.values():
-        assert "crash" not in out, out.get("crash")
-    return results
+    """Run ``job`` on 2 spawned ranks."""
+    return distributed_worker.run_ranks(distributed_worker.schedule_main, job, str(tmp))
 
 
 @pytest.fixture(scope="module")

@@ -1,42 +1,17 @@
 """DDP on two real processes over loopback gloo: never a silent desync."""
 
-import socket
-
 import pytest
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
 from . import distributed_worker  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=distributed_worker.main, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=60) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    for rank, out in results.items():
-        assert "crash" not in out, out.get("crash")
-    return results
+    return distributed_worker.run_ranks(distributed_worker.main, timeout=60)
 
 
 def both(ranks, scenario):
