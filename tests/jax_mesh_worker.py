@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 import layerlock as ll
 import layerlock.flax as llf
 
-OUT = sys.argv[1]
 RESULT: dict = {"devices": jax.device_count(), "checks": {}}
 
 
@@ -197,15 +196,15 @@ def scenario(inject):
         check_state(tag + "optimizer_state_after_unfrozen_steps", optimizer, model)
 
 
-def main():
+def main(out):
     try:
         scenario(inject=False)
         scenario(inject=True)
     except Exception:
         RESULT["error"] = traceback.format_exc()
-    with open(OUT, "w") as f:
+    with open(out, "w") as f:
         json.dump(RESULT, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
