@@ -102,16 +102,22 @@ def _add_untracked(optimizer: Any, model: torch.nn.Module, settings: dict[str, A
     return [n for n, _ in new]
 
 
-def _take_out(optimizer: torch.optim.Optimizer, rows: set[Any], model: torch.nn.Module) -> None:
-    """Remove the parameters of plan ``rows`` from ``optimizer``'s groups (their state stays,
+def _take_out(optimizer: torch.optim.Optimizer, drop: Callable[[torch.Tensor], bool]) -> None:
+    """Remove the parameters ``drop`` selects from ``optimizer``'s groups (their state stays,
     keyed by the tensor), so that the next sync adds them as a group of their own."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    ids = {id(tensors[row.path]) for row in rows}
     for group in optimizer.param_groups:
-        keep = [id(p) not in ids for p in group["params"]]
+        keep = [not drop(p) for p in group["params"]]
         for key in ("params", "param_names"):  # torch keeps named params' names alongside
             if key in group:
                 group[key] = [x for x, k in zip(group[key], keep) if k]
+
+
+def _scheduled(optimizer: torch.optim.Optimizer, base: float) -> dict[str, float]:
+    """The settings of a new group whose base rate is ``base`` under an LR scheduler: it
+    starts at ``base`` times the factor the scheduler gives the existing groups now."""
+    first = next((g for g in optimizer.param_groups if g.get("initial_lr")), None)
+    factor = first["lr"] / first["initial_lr"] if first is not None else 1.0
+    return {"lr": base * factor, "initial_lr": base}
 
 
 def structure_fingerprint(model: torch.nn.Module) -> str:
@@ -283,16 +289,13 @@ class FreezeScheduler(LoopScheduler):
         if phase.lr is not None:
             # What this phase makes trainable trains at its lr, also where the optimizer already
             # holds it (built from model.parameters()): it moves, with its state, to the new group.
-            _take_out(optimizer, {p for p in plan.params if p.trainable_after and not p.trainable_before},
-                      self._module)
-        # The phase's lr (else the optimizer's default) is a base rate: under an LR scheduler the
-        # new group runs at it times the factor the scheduler gives the existing groups now.
+            tensors = dict(self._module.named_parameters(remove_duplicate=False))
+            ids = {id(tensors[p.path]) for p in plan.params if p.trainable_after and not p.trainable_before}
+            _take_out(optimizer, lambda p: id(p) in ids)
+        # The phase's lr (else the optimizer's default) is a base rate under an LR scheduler.
         settings: dict[str, Any] = {} if phase.lr is None else {"lr": phase.lr}
         if self.scheduler is not None:
-            base = phase.lr if phase.lr is not None else optimizer.defaults["lr"]
-            first = next((g for g in optimizer.param_groups if g.get("initial_lr")), None)
-            factor = first["lr"] / first["initial_lr"] if first is not None else 1.0
-            settings = {"lr": base * factor, "initial_lr": base}
+            settings = _scheduled(optimizer, phase.lr if phase.lr is not None else optimizer.defaults["lr"])
         added = _add_untracked(optimizer, self._module, settings, self.scheduler)
         if not added:
             return ""

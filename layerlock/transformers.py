@@ -45,6 +45,7 @@ from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .stepper import PhaseStepper, log_option, warn_check
+from .torch import _scheduled, _take_out
 
 __all__ = ["FreezeScheduler"]
 
@@ -104,11 +105,7 @@ class FreezeScheduler(TrainerCallback):
             if not self._optimizer.state:
                 # What a phase froze has no optimizer state yet: leave it out of the Trainer's
                 # groups, so it joins at its phase's rate when a later phase unfreezes it.
-                for group in groups:
-                    keep = [p.requires_grad for p in group["params"]]
-                    for key in ("params", "param_names"):  # torch keeps named params' names alongside
-                        if key in group:
-                            group[key] = [x for x, k in zip(group[key], keep) if k]
+                _take_out(self._optimizer, lambda p: not p.requires_grad)
         else:
             self.stepper.replay(model, saved["phase"], self._sync)
             self._restore(saved)
@@ -165,14 +162,13 @@ class FreezeScheduler(TrainerCallback):
             return ""
         decay = set(Trainer.get_decay_parameter_names(None, self._model))  # the Trainer's own rule
         base = phase.lr if phase.lr is not None else self._args.learning_rate
-        first = optimizer.param_groups[0]
-        factor = first["lr"] / first["initial_lr"] if first.get("initial_lr") else 1.0
+        settings = _scheduled(optimizer, base)
         named = any("param_names" in g for g in optimizer.param_groups)  # then every group must be named
         for weight_decay, pairs in ((self._args.weight_decay, [(n, p) for n, p in new if n in decay]),
                                     (0.0, [(n, p) for n, p in new if n not in decay])):
             if pairs:
                 optimizer.add_param_group({"params": pairs if named else [p for _, p in pairs],
-                                           "weight_decay": weight_decay, "lr": base * factor, "initial_lr": base})
+                                           "weight_decay": weight_decay, **settings})
                 if self._scheduler is not None:
                     extend_scheduler(self._scheduler, optimizer.param_groups[-1])
         return f"optimizer +{len(new)} tensors at base lr {base:g}"
