@@ -63,11 +63,10 @@ class PhaseStepper:
         self.schedule, self.unit, self.phase = schedule, unit, -1
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
 
-    def check(self, model: Any) -> None:
+    def check(self, model: Any) -> list[Plan]:
         """Plan every phase on ``model`` (changing nothing), so a pattern that matches
-        nothing fails before training starts, not at epoch 7."""
-        for phase in self.schedule.phases:
-            plan(model, self.schedule.spec_at(phase.epoch), **self.options)
+        nothing fails before training starts, not at epoch 7; the plans, one per phase."""
+        return [plan(model, self.schedule.spec_at(phase.epoch), **self.options) for phase in self.schedule.phases]
 
     def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
         """Bring ``model`` to the phase in force at ``at``; the transition, or None."""
@@ -161,8 +160,12 @@ class LoopScheduler:
         self.schedule, self.model = schedule, model
         self.log = log_option(f"{type(self).__module__}.{type(self).__name__}", log)
         self.epoch = -1
-        self.stepper.check(model)
+        self._refuse(self.stepper.check(model))
         self._checked = False
+
+    def _refuse(self, plans: list[Plan]) -> None:
+        """Refuse, before anything changes, phases this loop cannot carry out; ``plans`` are
+        the phases' plans on the model (none is refused here)."""
 
     @property
     def phase(self) -> int:

@@ -26,7 +26,6 @@ from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
 from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
 from .operations import apply
-from .operations import plan as plan_of
 from .rate_table import rates
 from .resolver import BnPolicy
 from .results import Plan
@@ -265,13 +264,17 @@ class FreezeScheduler(LoopScheduler):
         super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
         self.optimizer, self.scheduler = optimizer, scheduler
         if ddp_of(model) is not None:
-            for phase in schedule.phases:  # DDP refuses to wrap a module with nothing to train
-                if not plan_of(unwrap(model), schedule.spec_at(phase.epoch), **self.stepper.options).trainable_scalars:
-                    raise DistributedFreezeError(
-                        f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
-                        "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
-                        "Keep at least one parameter trainable in every phase.")
             self.stepper = _InsideDDP(schedule, **self.stepper.options)
+
+    def _refuse(self, plans: list[Plan]) -> None:
+        if ddp_of(self.model) is None:
+            return
+        for phase, planned in zip(self.schedule.phases, plans):  # DDP cannot wrap a module with nothing to train
+            if not planned.trainable_scalars:
+                raise DistributedFreezeError(
+                    f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
+                    "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
+                    "Keep at least one parameter trainable in every phase.")
 
     @property
     def _module(self) -> torch.nn.Module:
