@@ -47,7 +47,8 @@ class PhaseStepper:
     >>> import torch, layerlock as ll
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> stepper = PhaseStepper(ll.Schedule({0: ll.freeze("0"), 2: ll.unfreeze()}))
-    >>> stepper.check(net)
+    >>> [p.trainable_scalars for p in stepper.check(net)]   # each phase planned, nothing changed
+    [3, 9]
     >>> print(stepper.step(net, 0).message)
     layerlock: epoch 0: phase 1/2 Spec(freeze('0')): +0 / -6 trainable scalars, 3 trainable (33.3%)
     >>> stepper.step(net, 1) is None
