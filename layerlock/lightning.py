@@ -45,8 +45,8 @@ class FreezeScheduler(Callback):
 
     Under ``strategy="ddp"``, ``"ddp_find_unused_parameters_true"`` or ``"ddp_spawn"``, each
     phase change that changes the trainable set applies the phase to the LightningModule
-    and puts a new ``DistributedDataParallel``, built with the strategy's arguments, in
-    ``trainer.strategy.model`` (as :class:`layerlock.torch.FreezeScheduler` re-wraps), so
+    and builds the strategy's ``DistributedDataParallel`` again in place, with its own
+    arguments (as :class:`layerlock.torch.FreezeScheduler` does), so
     DDP's reducer all-reduces exactly the trainable parameters and the ranks stay
     identical. FSDP and DeepSpeed, which fix the trainable set when they wrap, are refused
     in ``setup`` with :class:`~layerlock.DistributedFreezeError` when the schedule changes it.
@@ -82,24 +82,16 @@ class FreezeScheduler(Callback):
                 raise DistributedFreezeError(
                     f"{type(trainer.strategy).__name__} wraps the LightningModule in a {type(wrapper).__name__}, "
                     "which layerlock cannot rebuild at a phase change. Use strategy=\"ddp\" (or \"ddp_spawn\").")
-            # Phases go to the module inside DDP; a changed trainable set gets a new wrapper.
+            # Phases go to the module inside DDP; a changed trainable set rebuilds the wrapper.
             self.loop = _LoopScheduler(self.schedule, wrapper, None, log=self._log, **self.options)
         self.loop.optimizer, self.loop.scheduler = optimizer, scheduler
         if self._resume is not None:
             self.loop.load_state_dict(self._resume)  # before Lightning restores the optimizer
             self._resume = None
-            self._install(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         assert self.loop is not None
         self.loop.step(trainer.current_epoch)
-        self._install(trainer)
-
-    def _install(self, trainer: Any) -> None:
-        """Hand the strategy the DDP wrapper the loop built at the latest change (if any)."""
-        assert self.loop is not None
-        if ddp_of(self.loop.model) is not None and trainer.strategy.model is not self.loop.model:
-            trainer.strategy.model = self.loop.model
 
     def state_dict(self) -> dict[str, Any]:
         return self.loop.state_dict() if self.loop is not None else {}
@@ -120,4 +112,4 @@ def _refuse_fixed_wrappers(strategy: Any, schedule: Schedule, module: Any, optio
             raise DistributedFreezeError(
                 f"{type(strategy).__name__} fixes the trainable set when it wraps the model, and this schedule "
                 f"changes it at epoch {phase.epoch} ({phase.spec!r}). Use strategy=\"ddp\" (or \"ddp_spawn\"), "
-                "which layerlock re-wraps at each phase change; or apply one fixed spec before fit.")
+                "whose wrapper layerlock rebuilds at each phase change; or apply one fixed spec before fit.")

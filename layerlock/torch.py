@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .backends import get_backend
-from .backends.distributed import ddp_arguments
+from .backends.distributed import rebuild_ddp
 from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
@@ -134,10 +134,11 @@ def structure_fingerprint(model: torch.nn.Module) -> str:
 
 def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
            frozen_mode: str | None = None) -> tuple[torch.nn.Module, Plan]:
-    """Apply ``spec`` to the module inside a DistributedDataParallel wrapper and wrap it
-    again with the same arguments, so DDP's reducer sees the new trainable set. Call it
-    on every rank; parameters stay the same objects, so optimizers keep working.
-    :class:`FreezeScheduler` does this by itself at each phase change.
+    """Apply ``spec`` to the module inside a DistributedDataParallel wrapper and build the
+    wrapper again, in place and with the same arguments, so DDP's reducer sees the new
+    trainable set. Call it on every rank. The wrapper returned is the one given (every
+    reference to it stays valid) and the parameters stay the same objects, so optimizers
+    keep working. :class:`FreezeScheduler` does this by itself at each phase change.
 
     ``model, plan = layerlock.torch.rewrap(model, ll.unfreeze("backbone.layer4"))``
     """
@@ -146,34 +147,29 @@ def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPol
         raise DistributedFreezeError(f"rewrap() takes a DistributedDataParallel model; received "
                                      f"{type(model).__name__}. Use ll.apply() for unwrapped models.")
     result = apply(ddp.module, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
-    return _wrap_again(ddp), result
-
-
-def _wrap_again(ddp: torch.nn.parallel.DistributedDataParallel) -> torch.nn.parallel.DistributedDataParallel:
-    """A new DistributedDataParallel around ``ddp``'s module, built with ``ddp``'s arguments."""
-    return torch.nn.parallel.DistributedDataParallel(ddp.module, **ddp_arguments(ddp))
+    rebuild_ddp(ddp)
+    return model, result
 
 
 def _refuse_unrewrappable(model: torch.nn.Module) -> None:
-    """Refuse, before anything changes, a DDP model that a FreezeScheduler could not wrap again."""
+    """Refuse, before anything changes, a DDP model that a FreezeScheduler could not rebuild."""
     ddp = ddp_of(model)
     if ddp is None:
         return
     if ddp.static_graph:
         raise DistributedFreezeError(
-            "FreezeScheduler re-wraps the model at each phase change, and a schedule changes the graph; "
+            "FreezeScheduler rebuilds the DDP wrapper at each phase change, and a schedule changes the graph; "
             "received DistributedDataParallel(static_graph=True). Wrap it with static_graph=False (the "
             "default) and pass that to FreezeScheduler.")
     if type(ddp) is not torch.nn.parallel.DistributedDataParallel:
         raise DistributedFreezeError(
-            f"FreezeScheduler re-wraps the model at each phase change and cannot rebuild a "
+            f"FreezeScheduler rebuilds the DDP wrapper at each phase change and cannot rebuild a "
             f"{type(ddp).__name__} (a subclass of DistributedDataParallel with its own constructor). "
             "Wrap the module in torch.nn.parallel.DistributedDataParallel itself.")
     if ddp is not model:
         raise DistributedFreezeError(
-            f"FreezeScheduler re-wraps the model at each phase change and cannot rebuild the "
-            f"{type(model).__name__} around DistributedDataParallel (received a compiled or otherwise "
-            "wrapped DDP). Pass the DistributedDataParallel wrapper itself; compile the inner module "
+            f"FreezeScheduler rebuilds the DDP wrapper at each phase change, under the graphs the "
+            f"{type(model).__name__} around it captured (received a compiled or otherwise wrapped DDP). Pass the DistributedDataParallel wrapper itself; compile the inner module "
             "(DistributedDataParallel(torch.compile(net))) if you compile.")
 
 
@@ -228,22 +224,21 @@ class FreezeScheduler(LoopScheduler):
     param groups as the interrupted run.
 
     Given a ``DistributedDataParallel`` model, each phase change applies the spec to the
-    module inside and wraps it again with the same DDP arguments, so the reducer all-reduces
-    exactly the new trainable set (frozen parameters are out of backward and of the
-    all-reduce). The parameters stay the same objects, so the optimizer and its state keep
-    working. ``freezer.model`` is the wrapper in force: run the forward pass through it after
-    every ``step`` and keep no other reference to an old one. Every rank must call ``step``
-    with the same epoch; at each change the ranks' trainable sets are compared
-    (:func:`check_ranks`). A comm hook is not carried to the new wrapper. A wrapper built with
-    ``static_graph=True``, a DDP subclass, or one inside ``torch.compile`` is refused here
-    with :class:`~layerlock.DistributedFreezeError`::
+    module inside and builds the wrapper again in place, with its own arguments
+    (:func:`rewrap`), so the reducer all-reduces exactly the new trainable set (frozen
+    parameters are out of backward and of the all-reduce). The wrapper and the parameters
+    stay the same objects, so the training loop, the optimizer and its state keep working.
+    Every rank must call ``step`` with the same epoch; at each change the ranks' trainable
+    sets are compared (:func:`check_ranks`); comm hooks are carried over. A wrapper built with ``static_graph=True``, a DDP subclass, or one
+    inside ``torch.compile`` is refused here with :class:`~layerlock.DistributedFreezeError`::
 
-        freezer = FreezeScheduler(schedule, DistributedDataParallel(net), optimizer)
+        model = DistributedDataParallel(net)
+        freezer = FreezeScheduler(schedule, model, optimizer)
         for epoch in range(epochs):
             freezer.step(epoch)                      # on every rank, with the same epoch
             for x, y in loader:
                 optimizer.zero_grad()
-                loss_fn(freezer.model(x), y).backward()
+                loss_fn(model(x), y).backward()
                 optimizer.step()
 
     >>> import torch, layerlock as ll
@@ -255,7 +250,7 @@ class FreezeScheduler(LoopScheduler):
     """
 
     model: torch.nn.Module
-    """The model to train: the one given, or under DDP the wrapper built at the latest phase change."""
+    """The model given, wrappers included: the one to train through."""
 
     def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
@@ -285,7 +280,7 @@ class FreezeScheduler(LoopScheduler):
         ddp = ddp_of(self.model)
         if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
             check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
-            self.model = _wrap_again(ddp)
+            rebuild_ddp(ddp)
         if self.optimizer is None:
             return ""
         optimizer = unwrap_prepared(self.optimizer)
@@ -309,7 +304,7 @@ class FreezeScheduler(LoopScheduler):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the phase (replaying phases so optimizer groups match the saved run; under
-        DDP ``self.model`` is then the wrapper of the saved phase)."""
+        DDP the wrapper is rebuilt for the saved phase's trainable set)."""
         if structure_fingerprint(self._module) != state.get("structure"):
             raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
                                  "(parameter paths or shapes differ); load it into the same architecture")

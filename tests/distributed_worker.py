@@ -90,9 +90,10 @@ def scenarios(rank):
     out["unfreeze_after_wrap"] = {"error": refused(lambda: ll.apply(ddp, ll.unfreeze("0"))),
                                   "unchanged": not inner[0].weight.requires_grad}
     w = inner[0].weight.detach().clone()
+    given = ddp
     ddp, plan = llt.rewrap(ddp, ll.unfreeze("0"))
-    out["rewrap"] = {"synced": train(ddp, inner, 2, rank), "moved": not torch.equal(w, inner[0].weight),
-                     "changed": list(plan.changed)}
+    out["rewrap"] = {"synced": train(given, inner, 2, rank), "moved": not torch.equal(w, inner[0].weight),
+                     "changed": list(plan.changed), "same_wrapper": ddp is given}
 
     inner = make()
     ll.apply(inner, ll.freeze("0") if rank == 0 else ll.freeze("2"))
@@ -171,11 +172,12 @@ def schedule():
 def scheduled(rank, epochs, *, count_bytes=False, resume=None):
     """Train body -> head in DDP under ``schedule()`` for ``epochs`` x 2 steps with the
     scheduler alone handling the wrapper; per epoch: ranks in sync, body unchanged, the
-    wrapper in force and (count_bytes) the gradient bytes all-reduced per step."""
+    wrapper and (count_bytes, through a comm hook registered once) the gradient bytes
+    all-reduced per step."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     inner = body_head()
-    ddp = DDP(inner)  # kept alive on purpose: an old wrapper a user still holds must not interfere
+    ddp = DDP(inner)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     freezer = llt.FreezeScheduler(schedule(), ddp, opt, log=None)
     if resume is not None:
@@ -190,25 +192,23 @@ def scheduled(rank, epochs, *, count_bytes=False, resume=None):
         state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
         return default_hooks.allreduce_hook(None, bucket)
 
-    hooked, log = None, []
+    if count_bytes:
+        ddp.register_comm_hook(sent, counting)  # the rebuilt reducers keep it
+    log = []
     for epoch in epochs:
         freezer.step(epoch)
-        if count_bytes and freezer.model is not hooked:
-            freezer.model.register_comm_hook(sent, counting)
-            hooked = freezer.model
         sent["bytes"] = 0
         for step in range(2):
             g = torch.Generator().manual_seed(1000 * rank + 10 * epoch + step)
             x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
             opt.zero_grad()
-            nn.functional.cross_entropy(freezer.model(x), y).backward()
+            nn.functional.cross_entropy(ddp(x), y).backward()  # the wrapper given: rebuilt in place
             opt.step()
         body = torch.cat([p.detach().flatten() for p in inner.body.parameters()])
         log.append({"epoch": epoch, "synced": in_sync(inner), "body_same": torch.equal(body, body0),
-                    "wrapper": id(freezer.model), "is_ddp": type(freezer.model) is DDP,
-                    "module_same": freezer.model.module is inner, "bytes_per_step": sent["bytes"] / 2,
-                    "tracked": internals.ddp_tracked_count(freezer.model)})
-    return {"log": log, "final": flat(inner), "original_wrapper": id(ddp), "freezer": freezer,
+                    "same_wrapper": freezer.model is ddp and ddp.module is inner,
+                    "bytes_per_step": sent["bytes"] / 2, "tracked": internals.ddp_tracked_count(ddp)})
+    return {"log": log, "final": flat(inner), "freezer": freezer,
             "optimizer": opt, "inner": inner}
 
 
@@ -217,7 +217,7 @@ def schedule_scenarios(rank, tmp):
     run = scheduled(rank, range(4), count_bytes=True)
     inner = run["inner"]
     trainable = sum(p.numel() for p in inner.head.parameters())
-    out["schedule"] = {"log": run["log"], "original_wrapper": run["original_wrapper"],
+    out["schedule"] = {"log": run["log"],
                        "trainable_share": trainable / sum(p.numel() for p in inner.parameters()),
                        "head_tensors": len(list(inner.head.parameters())),
                        "all_tensors": len(list(inner.parameters()))}

@@ -41,6 +41,7 @@ def test_unfreezing_after_wrapping_is_refused_instead_of_drifting_apart(ranks):
 def test_rewrap_unfreezes_with_gradients_all_reduced(ranks):
     for r in both(ranks, "rewrap"):
         assert r["synced"] and r["moved"] and r["changed"] == ["0.weight", "0.bias"]
+        assert r["same_wrapper"]  # rebuilt in place: a reference kept to the old wrapper trains the new set
 
 
 def test_check_ranks_raises_when_ranks_applied_different_plans(ranks):

@@ -1,7 +1,7 @@
 """Guards for distributed torch wrappers: a trainable set that DistributedDataParallel's
 reducer or FSDP1's flat parameters, both fixed at wrap time, cannot serve is refused with
 :class:`~layerlock.DistributedFreezeError` before anything changes; and the arguments to
-build an equal DDP wrapper again (what ``layerlock.torch.rewrap`` does).
+build the DDP wrapper again in place (what ``layerlock.torch.rewrap`` does).
 
 >>> import torch
 >>> check_ddp(torch.nn.Linear(1, 1), [("weight", False)])   # nothing wrapped: nothing to guard
@@ -106,3 +106,27 @@ def ddp_arguments(ddp: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
         out["broadcast_buffers"] = ddp.broadcast_buffers
     out["bucket_cap_mb"] = ddp.bucket_bytes_cap / (1024 * 1024)
     return out
+
+
+# What nn.Module.__init__ resets that belongs to the user of the wrapper: its hooks.
+_MODULE_HOOKS = tuple(name for name in vars(nn.Module()) if "hook" in name)
+
+
+def rebuild_ddp(ddp: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
+    """Build ``ddp`` again, in place and with its own arguments, so that its reducer tracks
+    exactly the parameters that require grad now. The object stays the same, so every
+    reference to it (the training loop's, a Trainer's ``model_wrapped``, Lightning's
+    ``strategy.model``, Accelerate's) keeps working; its hooks and train/eval mode are kept.
+    Its comm hooks are registered again on the new reducer. Like a new wrapper, it
+    broadcasts rank 0's module state. Call it on every rank.
+    """
+    kept = {name: getattr(ddp, name) for name in _MODULE_HOOKS}
+    comm_hooks = internals.ddp_comm_hooks(ddp)
+    training = ddp.training
+    ddp.__dict__.pop("_layerlock_reducer_params", None)  # check_ddp's record of the old reducer
+    type(ddp).__init__(ddp, ddp.module, **ddp_arguments(ddp))
+    ddp.__dict__.update(kept)
+    for hook, state in comm_hooks[len(internals.ddp_comm_hooks(ddp)):]:  # the constructor registers its own first
+        ddp.register_comm_hook(state, hook)
+    ddp.training = training  # not ddp.train(): that would reach the module's held norm layers
+    return ddp

@@ -125,6 +125,13 @@ def ddp_tracked_count(ddp: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
+def ddp_comm_hooks(ddp: Any) -> list[tuple[Any, Any]]:
+    """The (hook, state) pairs registered on a DDP wrapper, in order (DDP keeps this list to
+    re-register them when it rebuilds its own buckets); [] where DDP does not keep it."""
+    hooks = getattr(ddp, "_comm_hooks", [])
+    return list(hooks) if isinstance(hooks, list) else []
+
+
 # -- LR schedulers ----------------------------------------------------------------------------------
 # Schedulers whose per-group lists layerlock knows how to extend to a new param group.
 _LIST_ATTRS = ("base_lrs", "_last_lr", "min_lrs")
