@@ -173,6 +173,24 @@ def _refuse_unrewrappable(model: torch.nn.Module) -> None:
             "(DistributedDataParallel(torch.compile(net))) if you compile.")
 
 
+def _refuse_empty_phases(schedule: Schedule, plans: list[Plan]) -> None:
+    """DDP cannot wrap a module with nothing to train: refuse such a phase before training."""
+    for phase, planned in zip(schedule.phases, plans):
+        if not planned.trainable_scalars:
+            raise DistributedFreezeError(
+                f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
+                "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
+                "Keep at least one parameter trainable in every phase.")
+
+
+def _rebuild_for(ddp: torch.nn.parallel.DistributedDataParallel | None, plan: Plan) -> None:
+    """After a phase changed the trainable set of the module inside ``ddp``: check that every
+    rank reached the same set, then rebuild the wrapper in place for it."""
+    if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
+        check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
+        rebuild_ddp(ddp)
+
+
 def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
     """All-gather a fingerprint of the trainable set (and inference holds) and raise
     :class:`~layerlock.DistributedFreezeError` unless every rank has the same; call it on
@@ -262,14 +280,8 @@ class FreezeScheduler(LoopScheduler):
             self.stepper = _InsideDDP(schedule, **self.stepper.options)
 
     def _refuse(self, plans: list[Plan]) -> None:
-        if ddp_of(self.model) is None:
-            return
-        for phase, planned in zip(self.schedule.phases, plans):  # DDP cannot wrap a module with nothing to train
-            if not planned.trainable_scalars:
-                raise DistributedFreezeError(
-                    f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
-                    "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
-                    "Keep at least one parameter trainable in every phase.")
+        if ddp_of(self.model) is not None:
+            _refuse_empty_phases(self.schedule, plans)
 
     @property
     def _module(self) -> torch.nn.Module:
@@ -277,10 +289,7 @@ class FreezeScheduler(LoopScheduler):
         return unwrap(self.model)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
-        ddp = ddp_of(self.model)
-        if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
-            check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
-            rebuild_ddp(ddp)
+        _rebuild_for(ddp_of(self.model), plan)
         if self.optimizer is None:
             return ""
         optimizer = unwrap_prepared(self.optimizer)

@@ -19,7 +19,10 @@ LR scheduler knows only the groups it was built with. This callback:
   into weight-decay and no-decay groups like the Trainer's own;
 - logs one line per transition, also into ``trainer.state.log_history``;
 - keeps its groups in the Trainer's checkpoints, so ``trainer.train(resume_from_checkpoint=...)``
-  resumes into the same phase with the same optimizer and scheduler state.
+  resumes into the same phase with the same optimizer and scheduler state;
+- under several processes (``torchrun``, ``accelerate launch``), rebuilds the Trainer's
+  ``DistributedDataParallel`` wrapper in place at each change of the trainable set, so its
+  reducer all-reduces exactly the trainable parameters and the ranks stay identical.
 
 A phase's ``lr`` is a base rate like ``TrainingArguments.learning_rate``: its groups run at
 ``lr`` times the schedule's current factor (warm-up, linear or cosine decay, constant),
@@ -36,16 +39,16 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .backends.hf_internals import calling_trainer
 from .backends.torch_internals import check_scheduler, extend_scheduler, wrap_state_dict
-from .backends.wrappers import unwrap_prepared
+from .backends.wrappers import ddp_of, unwrap_prepared
 from .diagnostics.torch import untracked
 from .errors import DistributedFreezeError, LayerlockError, SpecError
-from .operations import plan
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .stepper import PhaseStepper, log_option, warn_check
-from .torch import _scheduled, _take_out
+from .torch import _rebuild_for, _refuse_empty_phases, _refuse_unrewrappable, _scheduled, _take_out
 
 __all__ = ["FreezeScheduler"]
 
@@ -76,6 +79,7 @@ class FreezeScheduler(TrainerCallback):
         self._scheduler: Any = None
         self._base_groups = 0  # the Trainer's own groups come first; the callback's follow
         self._args: Any = None
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None  # the Trainer's, under several processes
 
     # -- Trainer events -------------------------------------------------------------------
 
@@ -90,8 +94,7 @@ class FreezeScheduler(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
-        self.stepper.check(model)
-        self._refuse_ddp(args, model)
+        self._ddp = self._wrapper(args, self.stepper.check(model))
         self._model, self._args = model, args
         self._optimizer, self._scheduler = unwrap_prepared(optimizer), unwrap_prepared(lr_scheduler)
         if len(self.schedule.phases) > 1 and self._scheduler is not None:
@@ -121,22 +124,30 @@ class FreezeScheduler(TrainerCallback):
         if self.unit == "step":
             self._advance(state, state.global_step)
 
-    def _refuse_ddp(self, args: Any, model: Any) -> None:
-        """Under several processes the Trainer wraps the model (DDP, FSDP, DeepSpeed) once,
-        with the first phase's trainable set: a parameter unfrozen later would train on each
-        rank without its gradient being averaged, and the replicas would drift apart."""
-        if getattr(args, "world_size", 1) <= 1 or len(self.schedule.phases) < 2:
-            return
-        first = set(plan(model, self.schedule.spec_at(self.schedule.phases[0].epoch), **self.stepper.options).trainable)
-        later = {p for phase in self.schedule.phases[1:]
-                 for p in plan(model, self.schedule.spec_at(phase.epoch), **self.stepper.options).trainable} - first
+    def _wrapper(self, args: Any, plans: list[Plan]) -> torch.nn.parallel.DistributedDataParallel | None:
+        """Under several processes, the DistributedDataParallel wrapper the Trainer trains
+        through (``trainer.model_wrapped``), which each change of the trainable set rebuilds
+        in place. Under any other wrapper (FSDP, DeepSpeed), built with the first phase's
+        trainable set, a schedule that unfreezes more later is refused: those gradients would
+        not be averaged across ranks."""
+        if getattr(args, "world_size", 1) <= 1 or len({frozenset(p.trainable) for p in plans}) < 2:
+            return None
+        wrapped = getattr(calling_trainer(Trainer), "model_wrapped", None)
+        ddp = ddp_of(wrapped) if wrapped is not None else None
+        if ddp is not None:
+            _refuse_unrewrappable(ddp)
+            _refuse_empty_phases(self.schedule, plans)
+            return ddp
+        later = {n for p in plans[1:] for n in p.trainable} - set(plans[0].trainable)
         if later:
             raise DistributedFreezeError(
-                f"this schedule unfreezes {len(later)} tensors after its first phase (e.g. {min(later)}), but with "
-                f"{args.world_size} processes the Trainer's distributed wrapper was built with the first phase's "
-                "trainable set: their gradients would not be averaged across ranks and the replicas would drift "
-                "apart. Run each phase as its own trainer.train() with a new Trainer (its wrapper is built after "
-                "the phase is applied), or train on one process.")
+                f"this schedule unfreezes {len(later)} tensors after its first phase (e.g. {min(later)}), and with "
+                f"{args.world_size} processes the Trainer trains through "
+                f"{type(wrapped).__name__ if wrapped is not None else 'a wrapper layerlock cannot find'}, built with "
+                "the first phase's trainable set: their gradients would not be averaged across ranks. Use "
+                "DistributedDataParallel (torchrun or accelerate launch without an FSDP or DeepSpeed config), "
+                "which layerlock rebuilds at each phase change; or run each phase as its own trainer.train().")
+        return None
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -152,8 +163,10 @@ class FreezeScheduler(TrainerCallback):
             self.log(change.message)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
-        """Add the newly trainable parameters as the Trainer would group them, following its
-        schedule from the phase's base rate."""
+        """Rebuild the DDP wrapper for the new trainable set; add the newly trainable
+        parameters as the Trainer would group them, following its schedule from the phase's
+        base rate."""
+        _rebuild_for(self._ddp, plan)
         optimizer = self._optimizer
         if optimizer is None:
             return ""

@@ -8,8 +8,8 @@ from .fake import FakeBackend
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# A script run in its own process (it needs 4 host devices, set before jax starts): never imported here.
-collect_ignore = ["jax_mesh_worker.py"]
+# Scripts that run in their own processes (the mesh one builds 4 host devices at import): never collected.
+collect_ignore = ["jax_mesh_worker.py", "trainer_ddp_worker.py"]
 
 
 @pytest.fixture

@@ -213,15 +213,19 @@ def test_lora_adapters_train_and_the_top_blocks_join_after_one_epoch(tmp_path):
     assert probe.moved[1] == adapters | top
 
 
-def test_several_processes_refuse_a_schedule_that_unfreezes_later(tmp_path):
+def test_several_processes_without_a_ddp_wrapper_refuse_a_schedule_that_unfreezes_later(tmp_path):
+    """Outside a DDP Trainer (FSDP, DeepSpeed, or no Trainer to read the wrapper from), what
+    joins later would not be all-reduced: refused before anything changes. The DDP case is
+    tests/test_distributed_transformers.py."""
     from types import SimpleNamespace
 
     model = bert()
     callback = FreezeScheduler(SCHEDULE, log=None)
     state = transformers.TrainerState()
-    with pytest.raises(ll.DistributedFreezeError, match="2 processes"):
+    with pytest.raises(ll.DistributedFreezeError, match="2 processes.*DistributedDataParallel"):
         callback.on_train_begin(SimpleNamespace(world_size=2), state, None, model=model,
                                 optimizer=torch.optim.AdamW(model.parameters()), lr_scheduler=None)
     assert all(p.requires_grad for p in model.parameters())  # refused before changing anything
     freeze_only = FreezeScheduler(ll.Schedule({0: ll.freeze("bert.embeddings"), 1: ll.freeze("bert")}), log=None)
-    freeze_only._refuse_ddp(SimpleNamespace(world_size=2), model)  # nothing joins later: allowed
+    plans = freeze_only.stepper.check(model)
+    assert freeze_only._wrapper(SimpleNamespace(world_size=2), plans) is None  # nothing joins later: allowed
