@@ -110,6 +110,11 @@ class FreezeScheduler(TrainerCallback):
                 # groups, so it joins at its phase's rate when a later phase unfreezes it.
                 _take_out(self._optimizer, lambda p: not p.requires_grad)
         else:
+            if saved.get("schedule") != self.schedule.to_dict():
+                raise LayerlockError(
+                    "this checkpoint was saved by a FreezeScheduler with another schedule "
+                    f"({saved.get('schedule')!r}); received {self.schedule.to_dict()!r}. Resume with the schedule "
+                    "that wrote it, or start a new run without resume_from_checkpoint.")
             self.stepper.replay(model, saved["phase"], self._sync)
             self._restore(saved)
             self._advance(state, self._at(state))
@@ -207,7 +212,8 @@ class FreezeScheduler(TrainerCallback):
         for group in groups[n:]:
             folded.append({**{k: v for k, v in group.items() if k != "params"},
                            "state": [states.pop(i, None) for i in group["params"]]})
-        last = {**groups[n - 1], _KEY: {"phase": self.stepper.phase, "groups": folded}}
+        last = {**groups[n - 1], _KEY: {"phase": self.stepper.phase, "groups": folded,
+                                        "schedule": self.schedule.to_dict()}}
         return {"state": states, "param_groups": [*groups[: n - 1], last]}
 
     def _fold_scheduler(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,16 @@ def test_resume_after_a_transition_equals_an_uninterrupted_run(tmp_path, unit, s
     assert transitions == [0, 4, 8]
 
 
+def test_a_checkpoint_written_under_another_schedule_is_refused_before_any_phase_is_replayed(tmp_path):
+    trainer(bert(), tmp_path, [FreezeScheduler(SCHEDULE, log=None), StopAt(6)], save=True, save_steps=6).train()
+    other = ll.Schedule({0: ll.freeze("bert"), 2: ll.unfreeze()})  # the same first phase: the Trainer loads it
+    model = bert()
+    t = trainer(model, tmp_path, [FreezeScheduler(other, log=None)])
+    with pytest.raises(ll.LayerlockError, match="another schedule"):
+        t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert names(model, "") - {n for n, p in model.named_parameters() if not p.requires_grad} == names(model, "classifier")
+
+
 def test_a_pattern_that_matches_nothing_fails_when_training_begins(tmp_path):
     t = trainer(bert(), tmp_path, [FreezeScheduler(ll.Schedule({0: ll.freeze("bert"), 1: ll.unfreeze("bert.encoder.layer.9")}))])
     with pytest.raises(ll.NoMatchError, match="bert.encoder.layer.9"):
