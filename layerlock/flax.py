@@ -48,7 +48,7 @@ from .rate_table import check_rate, rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
-from .stepper import LoopScheduler
+from .stepper import LoopScheduler, structure_digest
 
 __all__ = ["trainable", "is_trainable", "param_groups", "sync_optimizer", "FreezeScheduler", "NnxBackend"]
 
@@ -226,7 +226,9 @@ class FreezeScheduler(LoopScheduler):
     ``layerlock.jax.multi_transform``) is refused with :class:`~layerlock.SpecError` then,
     before anything changes. To resume, build the optimizer and the scheduler as before,
     then call ``load_state_dict`` before restoring the optimizer state (``nnx.update(optimizer,
-    saved)``): it replays the phases, so the state has the saved layout.
+    saved)``): it replays the phases, so the state has the saved layout. A state of another
+    schedule, or of a model whose ``nnx.Param`` paths or shapes differ, is refused with
+    :class:`~layerlock.LayerlockError` before anything changes.
 
     >>> import optax, layerlock as ll
     >>> from flax import nnx
@@ -256,6 +258,9 @@ class FreezeScheduler(LoopScheduler):
         self.optimizer = optimizer
         if with_lr:  # every phase checked: now make the optimizer able to take their lr
             _fit(optimizer, model, lr=None, owner=owner, given=given, rated=True)  # type: ignore[arg-type]
+
+    def _structure(self) -> str:
+        return structure_digest((path, np.shape(var.get_value())) for path, var in parameters(self.model).items())
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

@@ -17,7 +17,7 @@ from .errors import DistributedFreezeError
 from .operations import plan as plan_of
 from .resolver import BnPolicy
 from .schedule import Schedule
-from .stepper import PhaseStepper, log_option
+from .stepper import PhaseStepper, check_saved_state, log_option
 from .torch import FreezeScheduler as _LoopScheduler
 
 try:
@@ -38,7 +38,8 @@ class FreezeScheduler(Callback):
     ``log`` receives the one-line message of each transition; the default,
     ``rank_zero_info``, logs it once (on rank 0) through Lightning's logger; None: silent.
     Its state goes into Lightning checkpoints, and resuming replays the phases before
-    Lightning restores the optimizer, so the param groups match.
+    Lightning restores the optimizer, so the param groups match; a checkpoint of another
+    schedule or model structure is refused (:meth:`load_state_dict`) before either.
 
     ``verbose=`` (the old name of ``log``) works for one more release, with a
     ``DeprecationWarning``; ``verbose=False`` is ``log=None``.
@@ -94,10 +95,28 @@ class FreezeScheduler(Callback):
         self.loop.step(trainer.current_epoch)
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's state for Lightning's checkpoint: epoch, phase, schedule, the
+        model's structure (see ``layerlock.torch.FreezeScheduler.state_dict``)."""
         return self.loop.state_dict() if self.loop is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = dict(state_dict) or None
+        """Take the state of a checkpoint (``fit(ckpt_path=...)`` calls this after ``setup``,
+        before the strategy builds the optimizer); the phases are replayed in ``on_fit_start``.
+        A state of another schedule, or of a model of another structure, is refused here with
+        :class:`~layerlock.LayerlockError`, before any phase is applied and before Lightning
+        restores the optimizer and the loops.
+
+        >>> import layerlock as ll
+        >>> callback = FreezeScheduler(ll.gradual(2), log=None)
+        >>> callback.load_state_dict({"epoch": 1, "phase": 0, "schedule": ll.gradual(3).to_dict()})
+        Traceback (most recent call last):
+        ...
+        layerlock.errors.LayerlockError: this FreezeScheduler state was saved with another schedule, ...
+        """
+        state = dict(state_dict) or None
+        if state is not None:  # before setup (no model yet) the structure is checked in on_fit_start
+            check_saved_state(state, self.schedule, None if self.loop is None else self.loop._structure())
+        self._resume = state
 
 
 def _refuse_fixed_wrappers(strategy: Any, schedule: Schedule, module: Any, options: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The runtime that walks a model through a :class:`~layerlock.Schedule`: one routine
 (:class:`PhaseStepper`) that the torch, Keras, Lightning, Hugging Face and JAX schedulers
 adapt, the plain-loop scheduler they share (:class:`LoopScheduler`), the check they run
-when training starts (:func:`warn_check`) and the ``log=`` option they all take
-(:func:`log_option`).
+when training starts (:func:`warn_check`), the ``log=`` option they all take
+(:func:`log_option`) and the check of a saved state before a resume
+(:func:`check_saved_state`, :func:`structure_digest`).
 
 >>> import torch, layerlock as ll
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -13,8 +14,9 @@ when training starts (:func:`warn_check`) and the ``log=`` option they all take
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._format import count
@@ -190,12 +192,89 @@ class LoopScheduler:
     def _sync(self, phase: Phase, plan: Plan) -> str:
         return ""
 
+    def _structure(self) -> str | None:
+        """The model's :func:`structure_digest`, which the state records and ``load_state_dict``
+        compares; None where the framework's scheduler does not record one."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
+        """The epoch last begun, the phase in force, the schedule and, where the framework's
+        scheduler records it, the model's structure (:func:`structure_digest`)."""
+        state = {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
+        structure = self._structure()
+        if structure is not None:
+            state["structure"] = structure
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the phase, replaying the phases so the optimizer matches the saved run."""
-        if Schedule.from_dict(state["schedule"]) != self.schedule:
-            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
+        """Restore the phase, replaying the phases so the optimizer matches the saved run. A
+        state saved with another schedule, or for a model of another structure, is refused
+        with :class:`~layerlock.LayerlockError` before anything changes.
+
+        >>> import torch, layerlock as ll
+        >>> loop = LoopScheduler(ll.Schedule({0: ll.freeze("0")}), torch.nn.Sequential(torch.nn.Linear(2, 1)))
+        >>> state = {**loop.state_dict(), "schedule": ll.Schedule({0: ll.freeze()}).to_dict()}
+        >>> loop.load_state_dict(state)
+        Traceback (most recent call last):
+        ...
+        layerlock.errors.LayerlockError: this FreezeScheduler state was saved with another schedule, ...
+        """
+        check_saved_state(state, self.schedule, self._structure())
         self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]
+
+
+def check_saved_state(state: Any, schedule: Schedule, structure: str | None = None) -> None:
+    """Refuse with :class:`~layerlock.LayerlockError`, changing nothing, a freeze scheduler
+    ``state`` that was not saved with ``schedule`` (or, given the model's
+    :func:`structure_digest`, for a model of this ``structure``).
+
+    >>> import layerlock as ll
+    >>> state = {"epoch": 3, "phase": 1, "schedule": ll.gradual(2).to_dict()}
+    >>> check_saved_state(state, ll.gradual(2))
+    >>> check_saved_state(state, ll.gradual(2), structure_digest([("w", (2,))]))
+    Traceback (most recent call last):
+    ...
+    layerlock.errors.LayerlockError: this FreezeScheduler state was saved for a model of another structure ...
+    """
+    keys = {"epoch", "phase", "schedule"}
+    if not isinstance(state, Mapping) or not keys <= set(state):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise LayerlockError(f"this is not a FreezeScheduler state: received {got}; a state has the keys "
+                             f"{sorted(keys)} (what FreezeScheduler.state_dict() returns)")
+    if structure is not None and state.get("structure") != structure:
+        saved_as = state.get("structure")
+        raise LayerlockError(
+            "this FreezeScheduler state was saved for a model of another structure (parameter paths or "
+            f"shapes differ): saved {str(saved_as)[:12] if saved_as else 'without a fingerprint'}, this "
+            f"model {structure[:12]}. Load it into the architecture it was saved from. Nothing was changed.")
+    try:
+        saved = Schedule.from_dict(state["schedule"])
+    except SpecError as exc:
+        raise LayerlockError(f"this FreezeScheduler state holds no readable schedule: {exc}") from None
+    if saved != schedule:
+        raise LayerlockError(f"this FreezeScheduler state was saved with another schedule, {saved!r}; this "
+                             f"scheduler runs {schedule!r}. Resume with a FreezeScheduler built with "
+                             "the saved schedule (layerlock.Schedule.from_dict(state['schedule'])). "
+                             "Nothing was changed.")
+    phase = state["phase"]
+    if not isinstance(phase, int) or not -1 <= phase < len(schedule.phases):
+        raise LayerlockError(f"this FreezeScheduler state's phase is {phase!r}; its schedule has phases "
+                             f"0 to {len(schedule.phases) - 1} (-1: before the first)")
+
+
+def structure_digest(shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """SHA-256 of ``(path, shape)`` pairs, in order: equal for models of the same structure.
+    What freeze scheduler states record, so a state saved for another model is refused;
+    ``layerlock.torch.structure_fingerprint`` and ``layerlock.keras.structure_fingerprint``
+    give it their models' parameters.
+
+    >>> structure_digest([("fc.weight", (1, 2))]) == structure_digest([("fc.weight", [1, 2])])
+    True
+    >>> structure_digest([("fc.weight", (1, 2))]) == structure_digest([("fc.weight", (2, 1))])
+    False
+    """
+    digest = hashlib.sha256()
+    for path, shape in shapes:
+        digest.update(f"{path}:{tuple(int(d) for d in shape)};".encode())
+    return digest.hexdigest()

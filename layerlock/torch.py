@@ -24,14 +24,14 @@ from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
 from .diagnostics.torch import untracked
-from .errors import DistributedFreezeError, LayerlockError, SpecError
+from .errors import DistributedFreezeError, SpecError
 from .operations import apply
 from .rate_table import rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .spec import Spec
-from .stepper import LoopScheduler, PhaseStepper, Transition
+from .stepper import LoopScheduler, PhaseStepper, Transition, structure_digest
 
 __all__ = ["param_groups", "sync_optimizer", "FreezeScheduler", "structure_fingerprint", "rewrap",
            "check_ranks", "unwrap", "TorchBackend"]
@@ -126,10 +126,7 @@ def structure_fingerprint(model: torch.nn.Module) -> str:
     >>> structure_fingerprint(torch.nn.Linear(2, 1)) == structure_fingerprint(torch.nn.Linear(2, 1))
     True
     """
-    digest = hashlib.sha256()
-    for n, p in unwrap(model).named_parameters():
-        digest.update(f"{n}:{tuple(p.shape)};".encode())
-    return digest.hexdigest()
+    return structure_digest((n, p.shape) for n, p in unwrap(model).named_parameters())
 
 
 def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
@@ -308,13 +305,12 @@ class FreezeScheduler(LoopScheduler):
             return ""
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "structure": structure_fingerprint(self._module)}
+    def _structure(self) -> str:
+        return structure_fingerprint(self._module)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the phase (replaying phases so optimizer groups match the saved run; under
-        DDP the wrapper is rebuilt for the saved phase's trainable set)."""
-        if structure_fingerprint(self._module) != state.get("structure"):
-            raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
-                                 "(parameter paths or shapes differ); load it into the same architecture")
+        DDP the wrapper is rebuilt for the saved phase's trainable set). A state of another
+        schedule or model structure is refused with :class:`~layerlock.LayerlockError` before
+        anything changes."""
         super().load_state_dict(state)

@@ -4,7 +4,8 @@ writes what it saw to ``OUT/rank<r>.json``. Run by tests/test_distributed_lightn
     python tests/lightning_ddp_worker.py STRATEGY[,STRATEGY...] OUT
 
 Several strategies run one after the other in the same processes (``ddp`` variants share
-the process group), which saves starting Python, torch and Lightning again.
+the process group), which saves starting Python, torch and Lightning again. The strategy
+``resume`` is a kill and a ``ckpt_path`` resume under ``ddp`` (see :func:`resume`).
 """
 
 import hashlib
@@ -24,6 +25,10 @@ from layerlock.lightning import FreezeScheduler
 
 SCHEDULE = ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze("backbone"), 2: ll.freeze("head")})
 EPOCHS = 3
+# For the resume: phase 2 (epoch 1, where the run is killed) freezes the head, which phase 3 trains again.
+RESUME_SCHEDULE = ll.Schedule({0: ll.freeze("backbone"), 1: ll.unfreeze("backbone").freeze("head"),
+                               2: ll.unfreeze("head")})
+SAVED_STEP = 3  # 2 steps per epoch per rank: step 3 is the first of epoch 1; step 4 dies before it steps
 
 
 class Module(pl.LightningModule):
@@ -41,6 +46,17 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
+class StepData(Module):
+    """Each rank's batch is drawn from (rank, global step), not read from the loader: Lightning
+    resumes a plain DataLoader inside an epoch at the right step but from the epoch's first
+    batch, and this keeps the data of every step the same through a restart."""
+
+    def training_step(self, batch, _):
+        g = torch.Generator().manual_seed(100 * self.global_rank + self.trainer.global_step)
+        x, y = torch.randn(4, 4, generator=g), torch.randint(0, 2, (4,), generator=g)
+        return super().training_step((x, y), _)
+
+
 def digests(module):
     return {n: hashlib.sha256(p.detach().numpy().tobytes()).hexdigest() for n, p in module.named_parameters()}
 
@@ -48,8 +64,8 @@ def digests(module):
 class Record(pl.Callback):
     """Per epoch: parameter digests at start and end, and what the DDP wrapper tracks."""
 
-    def __init__(self, out):
-        self.out, self.epochs = Path(out), []
+    def __init__(self, out=None):
+        self.out, self.epochs, self.first, self.start = out and Path(out), [], None, None
 
     def on_train_epoch_start(self, trainer, module):  # runs after FreezeScheduler's (callback order)
         self.start = digests(module)
@@ -67,22 +83,93 @@ class Record(pl.Callback):
                             "tracked": None if ddp is None else ddp_tracked_count(ddp),
                             "find_unused": None if ddp is None else ddp.find_unused_parameters,
                             "guard": guard})
+        self.start = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.start is None:  # a fit resumed inside an epoch does not start that epoch again
+            self.start = digests(module)
+        if self.first is None:  # the wrapper in force at the first step this fit runs
+            ddp = ddp_of(trainer.strategy.model)
+            self.first = {"epoch": trainer.current_epoch, "batch": batch_idx, "params": digests(module),
+                          "trainable": {n: p.requires_grad for n, p in module.named_parameters()},
+                          "tracked": None if ddp is None else ddp_tracked_count(ddp)}
 
     def on_train_end(self, trainer, module):
+        if self.out is None:
+            return
         self.out.mkdir(exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"world": trainer.world_size, "epochs": self.epochs}))
 
 
-def main(strategy, out):
+def loader():
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
-    loader = torch.utils.data.DataLoader(data, batch_size=4)  # Lightning shards it: 2 steps per rank
-    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=2, strategy=strategy,
-                         callbacks=[FreezeScheduler(SCHEDULE, log=None), Record(Path(out) / strategy)],
-                         enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(Module(), loader)
+    return torch.utils.data.DataLoader(data, batch_size=4)  # Lightning shards it: 2 steps per rank
+
+
+def trainer(strategy, callbacks, **kw):
+    return pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=2, strategy=strategy, callbacks=callbacks,
+                      enable_progress_bar=False, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      **{"enable_checkpointing": False, **kw})
+
+
+def main(strategy, out):
+    if strategy == "resume":
+        return resume(out)
+    trainer(strategy, [FreezeScheduler(SCHEDULE, log=None), Record(Path(out) / strategy)]).fit(Module(), loader())
+
+
+class Killed(Exception):
+    """What kills the interrupted run."""
+
+
+class Kill(pl.Callback):
+    """Die in the step after ``SAVED_STEP`` (its checkpoint written), after backward and
+    before the optimizer steps, on every rank: a crash in the middle of a step."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == SAVED_STEP:
+            raise Killed(f"killed in step {SAVED_STEP + 1}")
+
+
+def resume(out):
+    """For ``control`` (no layerlock, all trainable) and ``layerlock`` (RESUME_SCHEDULE): a run
+    of EPOCHS uninterrupted; a run that saves a checkpoint every step and is killed in
+    epoch 1; a fresh module, trainer and callbacks resumed with ``fit(ckpt_path=...)`` from
+    the step-SAVED_STEP checkpoint. Writes ``OUT/resume/rank<r>.json``."""
+    record, rank = {}, 0
+    for variant in ("control", "layerlock"):
+        def callbacks(*more):
+            schedule = [FreezeScheduler(RESUME_SCHEDULE, log=None)] if variant == "layerlock" else []
+            return [*schedule, Record(), *more]
+
+        runs = {}
+        reference = callbacks()
+        first = StepData()
+        trainer("ddp", reference).fit(first, loader())
+        ckpt_dir = Path(out) / "resume" / variant
+        saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1,
+                                             save_top_k=-1)
+        killed, module = callbacks(Kill(), saver), StepData()
+        try:
+            trainer("ddp", killed, enable_checkpointing=True).fit(module, loader())
+            died = None
+        except Killed as exc:
+            died = str(exc)
+        resumed, module = callbacks(), StepData()
+        run = trainer("ddp", resumed)
+        run.fit(module, loader(), ckpt_path=str(ckpt_dir / f"step={SAVED_STEP}.ckpt"))
+        rank = run.global_rank
+        for name, cbs in (("reference", reference), ("killed", killed), ("resumed", resumed)):
+            rec = next(c for c in cbs if isinstance(c, Record))
+            runs[name] = {"epochs": rec.epochs, "first": rec.first}
+        runs["died"], runs["final"] = died, digests(module)
+        runs["values"] = [{n: p.detach().flatten().tolist() for n, p in m.named_parameters()} for m in (first, module)]
+        runs["ddp"] = {"wrapper_tracked": ddp_tracked_count(ddp_of(run.strategy.model))}
+        record[variant] = runs
+    (Path(out) / "resume").mkdir(parents=True, exist_ok=True)
+    (Path(out) / "resume" / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

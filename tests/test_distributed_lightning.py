@@ -1,5 +1,6 @@
 """The Lightning callback carries a freeze schedule through DDP: real 2-process runs on CPU
-(gloo, 127.0.0.1) of tests/lightning_ddp_worker.py, one per strategy, run side by side."""
+(gloo, 127.0.0.1) of tests/lightning_ddp_worker.py, one per strategy, run side by side; and
+a ``ddp`` run killed inside its second phase and resumed with ``fit(ckpt_path=...)``."""
 
 import json
 import os
@@ -25,7 +26,7 @@ WORKER = Path(__file__).parent / "lightning_ddp_worker.py"
 STRATEGIES = ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn")
 BACKBONE = {"backbone.0.weight", "backbone.0.bias"}
 HEAD = {"head.weight", "head.bias"}
-TIMEOUT = 120  # seconds for all the runs together; they take about 35 s on 2 cores
+TIMEOUT = 120  # seconds for all the runs together; they take about 35 s on 2 cores (the resume about 1 s of it)
 
 
 def free_port():
@@ -39,7 +40,7 @@ def runs(tmp_path_factory):
     """strategy -> [rank 0's record, rank 1's record]; the runs go side by side, each under a timeout."""
     root = Path(__file__).resolve().parent.parent
     started = {}
-    for group in ("ddp,ddp_find_unused_parameters_true", "ddp_spawn"):  # one pair of processes per group
+    for group in ("ddp,ddp_find_unused_parameters_true,resume", "ddp_spawn"):  # one pair of processes per group
         out = tmp_path_factory.mktemp("runs")
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
@@ -55,7 +56,7 @@ def runs(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the worker's own group: it and the ranks it started
             log, _ = proc.communicate()
-        for strategy in group.split(","):
+        for strategy in group.split(","):  # "resume" writes OUT/resume/rank<r>.json too
             records = [out / strategy / f"rank{r}.json" for r in range(2)]
             results[strategy] = (proc.returncode, log.decode(errors="replace")[-3000:],
                                  [json.loads(f.read_text()) if f.exists() else None for f in records])
@@ -91,6 +92,51 @@ def test_the_ddp_wrapper_in_force_tracks_exactly_the_trainable_set(ranks):
     assert [e["tracked"] for e in epochs] == [2, 4, 2]  # frozen tensors are out of the reducer
     assert [e["guard"] for e in epochs] == ["ok"] * 3  # layerlock's own DDP guard agrees
     assert len({e["wrapper"] for e in epochs}) == 1  # Lightning's own wrapper, rebuilt in place
+
+
+@pytest.fixture
+def resumed(runs):
+    """variant ("control": no layerlock; "layerlock": RESUME_SCHEDULE) -> the two ranks' records
+    of the uninterrupted run, the killed one and the resumed one."""
+    code, log, records = runs["resume"]
+    assert code == 0 and None not in records, log
+    return {variant: [r[variant] for r in records] for variant in ("control", "layerlock")}
+
+
+def test_the_control_without_layerlock_resumes_bit_identical(resumed):
+    # Calibration: Lightning's own kill-and-resume inside an epoch, same model, data and kill.
+    for rank in resumed["control"]:
+        assert rank["died"] == "killed in step 4"
+        assert rank["final"] == rank["reference"]["epochs"][-1]["end"]
+
+
+def test_a_run_killed_inside_phase_2_resumes_with_ckpt_path_bit_identical(resumed):
+    rank0, rank1 = resumed["layerlock"]
+    for rank in (rank0, rank1):
+        assert rank["died"] == "killed in step 4"  # after the step-3 checkpoint, before step 4's optimizer step
+        assert (rank["resumed"]["first"]["epoch"], rank["resumed"]["first"]["batch"]) == (1, 1)  # inside phase 2
+        assert rank["final"] == rank["reference"]["epochs"][-1]["end"]  # every parameter, bit for bit
+    assert rank0["final"] == rank1["final"]  # the ranks too
+    assert [e["end"] for e in rank0["resumed"]["epochs"]] == [e["end"] for e in rank1["resumed"]["epochs"]]
+
+
+def test_frozen_weights_never_move_before_or_after_the_restart(resumed):
+    rank = resumed["layerlock"][0]
+    before, after = rank["killed"]["epochs"], rank["resumed"]["epochs"]
+    moved = [{n for n in e["start"] if e["start"][n] != e["end"][n]} for e in before + after]
+    assert moved == [HEAD, BACKBONE, BACKBONE | HEAD]  # epoch 0; epoch 1 (restart inside it); epoch 2
+    restored = rank["resumed"]["first"]["params"]
+    assert {n: restored[n] for n in HEAD} == {n: before[0]["end"][n] for n in HEAD}  # head frozen across the kill
+    assert {n: after[0]["end"][n] for n in HEAD} == {n: before[0]["end"][n] for n in HEAD}
+
+
+def test_the_wrapper_in_force_after_the_resume_tracks_the_saved_phase(resumed):
+    for rank in resumed["layerlock"]:
+        first = rank["resumed"]["first"]  # the first step after the restart
+        assert {n for n, on in first["trainable"].items() if on} == BACKBONE  # phase 2 replayed
+        assert first["tracked"] == 2  # the wrapper Lightning built for 4 tensors, rebuilt for the backbone's 2
+        assert [(e["tracked"], e["guard"]) for e in rank["resumed"]["epochs"]] == [(2, "ok"), (4, "ok")]
+        assert len({e["wrapper"] for e in rank["resumed"]["epochs"]}) == 1
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])

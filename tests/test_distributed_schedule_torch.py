@@ -81,3 +81,26 @@ def test_a_compiled_wrapper_or_a_phase_with_nothing_trainable_is_refused_with_wh
     for r in both(ranks, "other_refusals"):
         assert "torch.compile(net)" in r["compiled"] and "at least one parameter" in r["nothing_trainable"]
         assert r["unchanged"]
+
+
+@pytest.mark.parametrize("other", ["schedule", "structure"])
+def test_a_loop_state_of_another_schedule_or_model_is_refused_before_anything_changes(other):
+    import layerlock as ll
+    import layerlock.torch as llt
+
+    schedule = ll.Schedule({0: ll.freeze("0"), 1: ll.unfreeze()})
+    saved = llt.FreezeScheduler(schedule, distributed_worker.make(), None, log=None)
+    saved.step(1)
+    net = distributed_worker.make()
+    if other == "schedule":
+        schedule, message = ll.Schedule({0: ll.freeze("2"), 1: ll.unfreeze()}), "another schedule.*Schedule.from_dict"
+    else:
+        net.append(torch.nn.Linear(2, 2))
+        message = "another structure.*paths or shapes differ"
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    freezer = llt.FreezeScheduler(schedule, net, optimizer, log=None)
+    groups = [list(g["params"]) for g in optimizer.param_groups]
+    with pytest.raises(ll.LayerlockError, match=message):
+        freezer.load_state_dict(saved.state_dict())
+    assert freezer.phase == -1 and all(p.requires_grad for p in net.parameters())  # no phase applied
+    assert [list(g["params"]) for g in optimizer.param_groups] == groups and not optimizer.state  # untouched

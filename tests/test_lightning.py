@@ -87,3 +87,21 @@ def test_lightning_verbose_still_works_for_one_release_with_a_deprecation_warnin
         assert FreezeScheduler(ll.gradual(2), verbose=True)._log is rank_zero_info
     with pytest.raises(ll.SpecError, match="not both"):
         FreezeScheduler(ll.gradual(2), log=print, verbose=True)
+
+
+@pytest.mark.parametrize("other", ["schedule", "structure"])
+def test_lightning_refuses_a_checkpoint_of_another_schedule_or_model_before_restoring_the_optimizer(tmp_path, other):
+    schedule = ll.Schedule({0: ll.freeze("net").unfreeze("net.2"), 1: ll.unfreeze()})
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(1, [FreezeScheduler(schedule, log=None), ckpt], default_root_dir=tmp_path).fit(Module(), loader())
+    module = Module()
+    if other == "schedule":
+        schedule, message = ll.Schedule({0: ll.freeze("net.0"), 1: ll.unfreeze()}), "another schedule"
+    else:  # same paths and shapes but one more layer: Lightning itself loads the rest (strict_loading=False)
+        module.net.append(nn.Linear(2, 2))
+        module.strict_loading, message = False, "another structure"
+    fit = trainer(2, [FreezeScheduler(schedule, log=None)], default_root_dir=tmp_path, enable_checkpointing=False)
+    with pytest.raises(ll.LayerlockError, match=message):
+        fit.fit(module, loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert fit.optimizers == [] and fit.global_step == 0  # the strategy had built no optimizer; no loop restored
+    assert all(p.requires_grad for p in module.parameters())  # no phase applied
