@@ -24,7 +24,8 @@ from .worker import KERAS_SUITES
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEP_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax", "equinox")
-SECTIONS = (*STEP_SUITES, "apply", "rates", "trainer", "import")
+SECTIONS = (*STEP_SUITES, "apply", "rates", "trainer", "distributed", "import")
+OTHER_SECTIONS = ("apply", "rates", "trainer", "distributed", "import")   # not per-suite step tables
 RATE_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
@@ -78,7 +79,8 @@ def framework_missing(suite: str) -> str | None:
 
     needs = {"torch": ["torch"], "keras-tf": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"],
              "keras-jax": ["keras", "jax"], "jax": ["jax", "flax", "optax"],
-             "equinox": ["jax", "equinox", "optax"], "trainer": ["torch", "transformers", "accelerate"]}
+             "equinox": ["jax", "equinox", "optax"], "trainer": ["torch", "transformers", "accelerate"],
+             "distributed": ["torch"]}  # its Lightning and Trainer parts say so themselves when missing
     missing = [m for m in needs[suite] if importlib.util.find_spec(m) is None]
     return f"{', '.join(missing)} not installed" if missing else None
 
@@ -120,7 +122,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict
     start, end = new["meta"].get("machine", {}).get("load_avg_start"), new["meta"].get("load_avg_end")
     for section in sections:
         loads[section] = [v[0] if v else None for v in (start, end)]
-        if section in ("apply", "rates", "trainer", "import"):
+        if section in OTHER_SECTIONS:
             old[section] = new[section]
         else:
             old["steps"][section] = new["steps"][section]
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
                  "device": device, "device_name": env.device_name(device), "machine": env.machine(),
                  "versions": env.versions(), "threads": args.threads,
                  "omp_wait_policy": worker_env("torch", device)["OMP_WAIT_POLICY"]},
-        "steps": {}, "memory": {}, "apply": {}, "rates": {}, "trainer": {}, "import": {}, "skipped": {}}
+        "steps": {}, "memory": {}, "apply": {}, "rates": {}, "trainer": {}, "distributed": {}, "import": {},
+        "skipped": {}}
     suites = [s for s in STEP_SUITES if s in args.only]
     elapsed = results["meta"]["elapsed_s"] = {}
     clock = time.perf_counter()
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> Path:
         clock = time.perf_counter()
 
     with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("rates" in args.only) * len(RATE_SUITES)
-              + ("trainer" in args.only) + ("import" in args.only),
+              + ("trainer" in args.only) + ("distributed" in args.only) + ("import" in args.only),
               desc="benchmarks", unit="task") as bar:
         def each_suite(task: str, names: tuple[str, ...] | list[str]) -> None:
             for suite in names:
@@ -198,6 +201,12 @@ def main(argv: list[str] | None = None) -> Path:
             why = framework_missing("trainer")
             results["trainer"] = {"error": why} if why else run_worker("trainer", "torch", [], args, "cpu")
             lap("trainer")
+            bar.update()
+        if "distributed" in args.only:
+            bar.set_postfix_str("2 processes: DDP loop, Lightning, Trainer")
+            why = framework_missing("distributed")
+            results["distributed"] = {"error": why} if why else run_worker("distributed", "torch", [], args, "cpu")
+            lap("distributed")
             bar.update()
         if "import" in args.only:
             bar.set_postfix_str("import time")

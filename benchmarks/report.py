@@ -159,6 +159,7 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
         rows.append([f"per-parameter rates ({', '.join(suites)}: {RATE_MODES[mode]}) ≤ {bound}× its baseline",
                      "not run" if not v else " / ".join(f"{x:.3f}" for x in v),
                      _verdict(None if not v else max(v) <= bound, f"{max(v or [0]):.3f}×")])
+    rows += distributed_targets(results.get("distributed", {}))
     mem = memory_ratios(results)
     worse = [f"{k} {r:.3f}×" for k, r in mem.items() if r > 1 + MEM_SLACK]
     rows.append([f"peak memory, layerlock ≤ hand (peak ÷ hand, {MEM_SLACK:.0%} noise allowed)",
@@ -311,6 +312,8 @@ def section(results: dict[str, Any], img: str) -> list[str]:
         out += ["### Per-parameter learning rates", ""] + rates_section(results["rates"])
     if trainer := results.get("trainer"):
         out += ["### Hugging Face Trainer callback", ""] + trainer_section(trainer)
+    if dist := results.get("distributed"):
+        out += ["### Distributed: 2 processes (gloo, CPU)", ""] + distributed_section(dist)
     imp = results["import"]
     if imp:
         c = imp["commands"]
@@ -359,6 +362,110 @@ def rates_section(rates: dict[str, Any]) -> list[str]:
             "of a whole step, so the whole-step ratios are mostly the machine's run-to-run noise; the "
             "`alone` rows time the optimizer by itself on fixed gradients.", "",
             table(["suite", "mode", "median step ms", "÷ baseline"], rows), ""]
+
+
+DIST_TITLES = {"loop": "plain loop, `DistributedDataParallel`", "lightning": "Lightning `strategy=\"ddp\"`",
+               "trainer": "Hugging Face Trainer"}
+DIST_HAND = {"loop": "hand re-wrap (`requires_grad_(False)`, then a new `DistributedDataParallel` at the change)",
+             "lightning": "backbone `requires_grad_(False)` before `fit`, no callback",
+             "trainer": "encoder `requires_grad_(False)` before the Trainer, no callback"}
+DIST_BOUND = 1.03    # layerlock ÷ hand step time
+BYTES_SLACK = 0.01   # bytes ratio allowed off the trainable share
+
+
+def _dist_rows(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(part, phase, comparison) for every step-time comparison measured."""
+    rows = []
+    for part in DIST_TITLES:
+        d = data.get(part, {})
+        if "phases" in d:
+            rows += [(part, phase, c) for phase, c in d["phases"].items()]
+        elif "frozen" in d:
+            rows.append((part, "frozen", d["frozen"]))
+    return rows
+
+
+def distributed_section(data: dict[str, Any]) -> list[str]:
+    """Step time of layerlock's schedule over the hand-written equivalent, under 2 processes,
+    and the gradient bytes all-reduced per step against the trainable share."""
+    if "error" in data:
+        return [f"Not run: {data['error'].splitlines()[0]}", ""]
+    rows = []
+    for part, phase, c in _dist_rows(data):
+        d = data[part]
+        bytes_ratio = d.get("bytes_ratio") if phase == "frozen" else None
+        rows.append([DIST_TITLES[part], phase, _ms(c["layerlock"]["median"]), _ms(c["hand"]["median"]),
+                     f"**{c['paired_ratio']:.3f}×**", f"{c['ratio']:.3f}×",
+                     f"{c['control/hand']:.3f}×" if "control/hand" in c else "–",
+                     "–" if bytes_ratio is None else _share(bytes_ratio),
+                     "–" if bytes_ratio is None else _share(d.get("trainable_share"))])
+    errors = [f"- {DIST_TITLES[p]}: not run: {data[p]['error'].splitlines()[0]}" for p in DIST_TITLES
+              if "error" in data.get(p, {})]
+    loop, light, hf = data.get("loop", {}), data.get("lightning", {}), data.get("trainer", {})
+    sizes = []
+    if "size" in loop:
+        z = loop["size"]
+        sizes.append(f"the loop and Lightning train an MLP ({z['body']} Linear({z['width']}, {z['width']}) + ReLU "
+                     f"blocks as the backbone, {z['head']} Linear layers as the head, batch {z['batch']} per rank, "
+                     "SGD with momentum)")
+    if "size" in hf:
+        z = hf["size"]
+        sizes.append(f"the Trainer a `BertForSequenceClassification` (hidden {z['hidden']}, {z['layers']} layers, "
+                     f"sequence {z['seq']}, batch {z['batch']} per rank, {z['steps']} steps per run)")
+    text = [
+        "Two processes on this machine (gloo over 127.0.0.1, one intra-op thread each), started "
+        "torchrun-style; " + "; ".join(sizes) + ". Layerlock: the loop builds one wrapper with "
+        "everything trainable and `layerlock.torch.FreezeScheduler` (schedule: backbone frozen, then "
+        "everything) rebuilds it in place at each phase change; Lightning runs "
+        "`layerlock.lightning.FreezeScheduler` with the backbone frozen at epoch 0 (a later phase "
+        "unfreezes it, so Lightning wraps everything trainable and the callback rebuilds the wrapper); "
+        f"the Trainer runs `layerlock.transformers.FreezeScheduler` with "
+        f"{'a frozen phase then a later unfreezing one' if hf.get('multi_phase') else 'one frozen phase'} "
+        "(`ll.freeze(\"bert\")`). Hand: " + "; ".join(f"{DIST_TITLES[p].split(',')[0]}: {DIST_HAND[p]}"
+                                                       for p in DIST_TITLES) + ".", "",
+        "Three modes are timed, interleaved: layerlock, hand, and *control*, the hand-written one "
+        "again as a model of its own, whose ratio to hand is the noise floor of the run. Loop: in each "
+        "phase the modes take turns in a rotating order, a sample is the mean of enough steps to "
+        "last a fixed time, on rank 0. Lightning and Trainer: whole runs take turns (a first round "
+        "is dropped), a run's sample is the median of its step times after the first "
+        f"{light.get('frozen', hf.get('frozen', {})).get('skip', 3)}. The headline ratio is the median of the per-repetition ratios "
+        "(*paired*: each layerlock sample against the hand sample next to it, which cancels the "
+        "machine's drift); the ratio of the medians is shown beside it. Bytes: gradient bytes all-reduced per step through a counting DDP "
+        "comm hook (registered once; a rebuild in place keeps it) on untimed runs, frozen phase ÷ "
+        "everything trainable, against the trainable share of the parameters.", "",
+        table(["setting", "phase", "layerlock median ms", "hand median ms", "layerlock ÷ hand (paired)",
+               "ratio of medians", "control ÷ hand (noise floor)", "bytes frozen ÷ full", "trainable share"],
+              rows), ""]
+    extra = []
+    if "transition_s" in loop:
+        t = loop["transition_s"]
+        extra.append("Phase change in the loop (rank 0): FreezeScheduler "
+                     + " / ".join(_ms(x) for x in t["layerlock"]) + " ms, hand re-wrap "
+                     + " / ".join(_ms(x) for x in t["hand"]) + " ms (into the frozen phase / into the full one).")
+    for part, d in (("lightning", light), ("trainer", hf)):
+        if "bytes_layerlock/hand" in d:
+            extra.append(f"{DIST_TITLES[part]}: bytes all-reduced per step, layerlock ÷ hand-frozen "
+                         f"{d['bytes_layerlock/hand']:.4g}.")
+    return text + ([" ".join(extra), ""] if extra else []) + (errors + [""] if errors else [])
+
+
+def distributed_targets(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    comparisons = _dist_rows(data) if "error" not in data else []
+    for part in DIST_TITLES:
+        got = [(phase, c["paired_ratio"]) for p, phase, c in comparisons if p == part]
+        worst = max((r for _, r in got), default=0.0)
+        rows.append([f"2 processes, {DIST_TITLES[part]}: layerlock ÷ hand step time ≤ {DIST_BOUND} (paired)",
+                     " / ".join(f"{phase} {r:.3f}" for phase, r in got) or "not run",
+                     _verdict(None if not got else worst <= DIST_BOUND, f"{worst:.3f}×")])
+    shares = {p: (data[p]["bytes_ratio"], data[p]["trainable_share"]) for p in DIST_TITLES
+              if "bytes_ratio" in data.get(p, {})}
+    off = [p for p, (b, t) in shares.items() if abs(b - t) > BYTES_SLACK * t]
+    rows.append([f"2 processes: gradient bytes all-reduced per step, frozen ÷ full = trainable share "
+                 f"(±{BYTES_SLACK:.0%})",
+                 "; ".join(f"{p} {_share(b)} (share {_share(t)})" for p, (b, t) in shares.items()) or "not run",
+                 _verdict(None if not shares else not off, "off for " + ", ".join(off))])
+    return rows
 
 
 def _load(values: list[float] | None) -> str:
@@ -445,6 +552,11 @@ reduced grid and writes `benchmarks/results/quick-<device>.json` without touchin
   transitions (`requires_grad_`, then `add_param_group` for a weight-decay and a no-decay
   group as the Trainer splits them, and extending the scheduler's lists), runs interleaved.
   Both train the same parameters in the same optimizer groups at every step.
+- **Distributed (2 processes)**: `python -m benchmarks --only distributed` starts two ranks
+  (gloo over 127.0.0.1, CPU) for a plain DDP loop, Lightning `strategy="ddp"` and the Hugging
+  Face Trainer: layerlock's scheduler against the same freeze written by hand, interleaved,
+  and the gradient bytes all-reduced per step against the trainable share (details under the
+  section's table).
 - **Import time**: `python -c "import layerlock"` against `python -c pass`, interleaved.
 
 Models. PyTorch: a CNN with BatchNorm (4 stages of 2 conv-BN-ReLU), `nn.TransformerEncoder`

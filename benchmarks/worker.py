@@ -9,6 +9,7 @@ modules through ``layerlock.jax``).
     python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
     python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
     python -m benchmarks.worker rates SUITE OUT.json [--quick] ...   (per-parameter learning rates)
+    python -m benchmarks.worker distributed torch OUT.json [--quick]  (2 processes, gloo)
 """
 
 from __future__ import annotations
@@ -150,10 +151,15 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     return overhead.run_trainer(args.quick)
 
 
+def run_distributed(args: argparse.Namespace) -> dict[str, Any]:
+    from . import distributed
+    return distributed.run(args.quick)  # the ranks are processes of their own, one thread each
+
+
 def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    p.add_argument("task", choices=("steps", "probe", "apply", "trainer", "rates"))
+    p.add_argument("task", choices=("steps", "probe", "apply", "trainer", "rates", "distributed"))
     p.add_argument("suite", choices=SUITES)
     p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
     p.add_argument("--quick", action="store_true")
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "probe":
         args.case, args.mode = extra
     result = {"steps": run_steps, "probe": run_probe, "apply": run_apply, "trainer": run_trainer,
-              "rates": run_rates}[args.task](args)
+              "rates": run_rates, "distributed": run_distributed}[args.task](args)
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -14,7 +14,7 @@ trainable.
 
 from __future__ import annotations
 
-import hashlib
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +28,7 @@ from .rate_table import check_rate, rates
 from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
-from .stepper import PhaseStepper, log_option, warn_check
+from .stepper import PhaseStepper, check_saved_state, log_option, structure_digest, warn_check
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "param_groups", "structure_fingerprint",
            "sync_optimizer", "with_rates"]
@@ -191,10 +191,7 @@ def structure_fingerprint(model: Any) -> str:
     True
     """
     backend = get_backend(model)
-    digest = hashlib.sha256()
-    for path, _, variable in backend.unique_variables(backend.walk(model)):
-        digest.update(f"{path}:{tuple(int(d) for d in variable.shape)};".encode())
-    return digest.hexdigest()
+    return structure_digest((path, variable.shape) for path, _, variable in backend.unique_variables(backend.walk(model)))
 
 
 class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
@@ -221,6 +218,16 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     saved["epoch"] + 1)``: the phases are replayed, so the compiled optimizer gets the
     saved run's rates. A state saved for another schedule or another model structure
     raises :class:`~layerlock.LayerlockError` before anything changes.
+
+    With ``keras.callbacks.BackupAndRestore`` in the same ``fit`` (before or after this
+    callback) nothing more is needed: every backup it writes records the phase, and a
+    ``fit`` restarted on a new model with new callbacks brings the model to the backup's
+    phase (trainable set, optimizer layout, per-variable rates) in ``set_model``, before the
+    backup's weights and optimizer variables load, so the run continues as if it had not
+    stopped. A backup of another schedule or model, or one written without a FreezeScheduler,
+    raises :class:`~layerlock.LayerlockError` before anything loads. Not carried over: the
+    optimizer state of a variable a phase froze after it had trained (the backup holds the
+    optimizer's variables only), which a later phase that unfreezes it starts afresh.
 
     >>> import keras, layerlock as ll
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="body"),
@@ -318,17 +325,67 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         per-variable rates), as ``fit(initial_epoch=e)`` would; refuse, before anything changes,
         a state of another schedule or another model structure."""
         model = self._bound_model("load_state_dict")
-        missing = {"epoch", "phase", "schedule", "structure"} - set(state)
-        if missing:
-            raise LayerlockError(f"this is not a FreezeScheduler state: it lacks {sorted(missing)}; "
-                                 "pass what FreezeScheduler.state_dict() returned")
-        if structure_fingerprint(model) != state["structure"]:
-            raise LayerlockError("this FreezeScheduler state was saved for a model of another structure "
-                                 "(variable paths or shapes differ); load it into the same architecture")
-        if Schedule.from_dict(state["schedule"]) != self.schedule:
-            raise LayerlockError("this FreezeScheduler state was saved with a different schedule")
+        self._check_state(model, state)
+        self._restore(model, state)
+
+    def _check_state(self, model: Any, state: Mapping[str, Any], backup: Any = None) -> None:
+        """Refuse a state of another schedule or model (one read from ``backup``'s files, if given)."""
+        try:
+            check_saved_state(state, self.schedule, structure_fingerprint(model))
+        except LayerlockError as exc:
+            if backup is None:
+                raise
+            raise LayerlockError(f"the backup in {backup.backup_dir}: {exc} Resume with the model and schedule that "
+                                 f"wrote it, or delete {backup.backup_dir} to start over.") from None
+
+    def _restore(self, model: Any, state: Mapping[str, Any]) -> None:
         self.stepper.check(model)
         if self._rated:
             internals.upgrade(self._rate_target(model))
         self.stepper.replay(model, state["phase"], self._sync)
         self.epoch = state["epoch"]
+
+    # -- resuming with keras.callbacks.BackupAndRestore -----------------------------------
+
+    def set_model(self, model: Any) -> None:
+        """Bind the model (``fit`` calls it for its callbacks, before ``on_train_begin``).
+        When the same ``fit`` has a ``keras.callbacks.BackupAndRestore`` that is about to
+        restore a backup, bring ``model`` to the backup's phase first (see the class
+        docstring); and make the backups it writes record the phase.
+
+        >>> import keras, layerlock as ll
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="fc")])
+        >>> callback = FreezeScheduler(ll.Schedule({0: ll.freeze("fc.bias")}), log=None)
+        >>> callback.set_model(model); callback.model is model
+        True
+        """
+        super().set_model(model)
+        backups = [c for c in internals.fit_callbacks(self) or () if isinstance(c, keras.callbacks.BackupAndRestore)]
+        for backup in backups:
+            state = self._backup_state(backup)
+            if state is not None:
+                self._check_state(model, state, backup)
+                self._restore(model, state)
+        if backups:
+            internals.attach_record(model, self.state_dict)
+
+    @staticmethod
+    def _backup_state(backup: Any) -> dict[str, Any] | None:
+        """The FreezeScheduler state in the backup ``backup`` will restore (None: no backup)."""
+        for path in internals.backup_files(backup):
+            if not os.path.exists(path):
+                continue
+            try:
+                state = internals.read_record(path)
+            except OSError:
+                continue  # BackupAndRestore falls back to the previous backup too
+            if state is None:
+                raise LayerlockError(f"the backup {path} holds no FreezeScheduler record: it was written by a fit "
+                                     f"without layerlock's FreezeScheduler (or a Keras {keras.__version__} that "
+                                     "does not save it), so its phase is unknown. Resume it without the "
+                                     f"FreezeScheduler, or delete {backup.backup_dir} to start over.")
+            return state
+        return None
+
+    def on_train_end(self, logs: Any = None) -> None:
+        internals.detach_record(self.model)

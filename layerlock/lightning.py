@@ -115,7 +115,7 @@ class FreezeScheduler(Callback):
         """
         state = dict(state_dict) or None
         if state is not None:  # before setup (no model yet) the structure is checked in on_fit_start
-            check_saved_state(state, self.schedule, None if self.loop is None else self.loop._structure())
+            check_saved_state(state, self.schedule, None if self.loop is None else self.loop.state_dict()["structure"])
         self._resume = state
 
 
@@ -131,4 +131,6 @@ def _refuse_fixed_wrappers(strategy: Any, schedule: Schedule, module: Any, optio
             raise DistributedFreezeError(
                 f"{type(strategy).__name__} fixes the trainable set when it wraps the model, and this schedule "
                 f"changes it at epoch {phase.epoch} ({phase.spec!r}). Use strategy=\"ddp\" (or \"ddp_spawn\"), "
-                "whose wrapper layerlock rebuilds at each phase change; or apply one fixed spec before fit.")
+                "whose wrapper layerlock rebuilds at each phase change; to shard, ModelParallelStrategy with "
+                "torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, which takes the changes; or apply "
+                "one fixed spec before fit.")

@@ -300,3 +300,107 @@ def run_ranks(target, *args, world=2, timeout=90):
     for out in results.values():
         assert "crash" not in out, out.get("crash")
     return results
+
+
+# -- FreezeScheduler carrying a schedule through FSDP2 fully_shard (tests/test_fsdp2_schedule.py) --
+
+def fsdp2_schedule():
+    """Freeze the body, unfreeze it at a phase lr, then freeze the head."""
+    return ll.Schedule({0: ll.freeze("body"), 2: ll.unfreeze(), 4: ll.freeze("head")}, lr={2: 1e-3})
+
+
+def sharded_body_head():
+    """``body_head()`` sharded per block and at the root (even sizes: no padding, so the
+    bytes reduce-scattered are exactly the trainable gradients' bytes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = body_head()
+    for block in (model.body[0], model.body[2], model.head):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def fsdp2_scheduled(rank, epochs, *, resume=None):
+    """Train ``sharded_body_head()`` under ``fsdp2_schedule()`` for ``epochs`` x 2 steps with
+    the loop FreezeScheduler; per epoch: ranks in sync (full tensors), which parts moved,
+    gradient bytes reduce-scattered per step (``dist.reduce_scatter_single``, FSDP2's
+    collective, counted), frozen gradients None, the optimizer's groups, state_dict keys."""
+    model = sharded_body_head()
+    keys = list(body_head().state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    freezer = llt.FreezeScheduler(fsdp2_schedule(), model, opt, log=None)
+    if resume is not None:
+        saved = torch.load(resume, weights_only=False)
+        model.load_state_dict(saved["model"])
+        freezer.load_state_dict(saved["freezer"])
+        opt.load_state_dict(saved["optimizer"])
+    sent = {"bytes": 0}
+    real = dist.reduce_scatter_single
+
+    def counting(output, input, *args, **kwargs):
+        sent["bytes"] += input.numel() * input.element_size()
+        return real(output, input, *args, **kwargs)
+
+    def part(name):
+        return torch.cat([p.full_tensor().flatten() for p in getattr(model, name).parameters()])
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    log = []
+    dist.reduce_scatter_single = counting
+    try:
+        for epoch in epochs:
+            freezer.step(epoch)
+            before = {n: part(n) for n in ("body", "head")}
+            sent["bytes"], grads_ok = 0, True
+            for step in range(2):
+                g = torch.Generator().manual_seed(1000 * rank + 10 * epoch + step)
+                x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                grads_ok &= all((p.grad is None) != p.requires_grad for p in model.parameters())
+                opt.step()
+            log.append({
+                "epoch": epoch, "phase": freezer.phase, "synced": in_sync(model),
+                **{f"{n}_same": torch.equal(before[n], part(n)) for n in before},
+                "bytes_per_step": sent["bytes"] / 2, "grads_only_trainable": grads_ok,
+                "trainable_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                "groups": [(g.get("name"), g["lr"], sorted(names[id(p)] for p in g["params"]))
+                           for g in opt.param_groups],
+                "dtensor_params": all(hasattr(p, "full_tensor") for p in model.parameters()),
+                "state_dict_keys": list(model.state_dict()) == keys})
+    finally:
+        dist.reduce_scatter_single = real
+    return {"log": log, "final": flat(model), "freezer": freezer, "optimizer": opt, "model": model}
+
+
+def fsdp2_schedule_scenarios(rank, tmp):
+    run = fsdp2_scheduled(rank, range(6))
+    torch.save(run["final"], os.path.join(tmp, f"fsdp2-uninterrupted{rank}.pt"))
+    stopped = fsdp2_scheduled(rank, range(3))  # stopped after epoch 2, in the second phase
+    torch.save({"model": stopped["model"].state_dict(), "optimizer": stopped["optimizer"].state_dict(),
+                "freezer": stopped["freezer"].state_dict()}, os.path.join(tmp, f"fsdp2-checkpoint{rank}.pt"))
+    model = body_head()
+    return {"schedule": {"log": run["log"], "all_bytes": sum(p.numel() * 4 for p in model.parameters()),
+                         "head_bytes": sum(p.numel() * 4 for p in model.head.parameters())}}
+
+
+def fsdp2_resume_scenarios(rank, tmp):
+    run = fsdp2_scheduled(rank, range(3, 6), resume=os.path.join(tmp, f"fsdp2-checkpoint{rank}.pt"))
+    reference = torch.load(os.path.join(tmp, f"fsdp2-uninterrupted{rank}.pt"))
+    return {"resume": {"equal": torch.equal(run["final"], reference), "log": run["log"],
+                       "phase": run["freezer"].phase}}
+
+
+def fsdp2_schedule_main(rank, world, port, queue, job, tmp):
+    """Entry point of the FSDP2 schedule tests: ``job`` is "train" (first processes) or "resume"."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        job_fn = fsdp2_schedule_scenarios if job == "train" else fsdp2_resume_scenarios
+        queue.put((rank, job_fn(rank, tmp)))
+    except Exception:
+        queue.put((rank, {"crash": traceback.format_exc()}))
+    finally:
+        dist.destroy_process_group()

@@ -5,7 +5,9 @@ writes what it saw to ``OUT/rank<r>.json``. Run by tests/test_distributed_lightn
 
 Several strategies run one after the other in the same processes (``ddp`` variants share
 the process group), which saves starting Python, torch and Lightning again. The strategy
-``resume`` is a kill and a ``ckpt_path`` resume under ``ddp`` (see :func:`resume`).
+``resume`` is a kill and a ``ckpt_path`` resume under ``ddp`` (see :func:`resume`);
+``model_parallel`` is Lightning's ``ModelParallelStrategy`` with FSDP2 ``fully_shard`` in
+``configure_model`` (see :class:`Sharded`).
 """
 
 import hashlib
@@ -57,8 +59,29 @@ class StepData(Module):
         return super().training_step((x, y), _)
 
 
+class Sharded(Module):
+    """FSDP2: the backbone and the root are sharded with ``fully_shard`` over the strategy's
+    data-parallel mesh; the forward runs through the root so its hooks gather the head."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.backbone, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
 def digests(module):
-    return {n: hashlib.sha256(p.detach().numpy().tobytes()).hexdigest() for n, p in module.named_parameters()}
+    """Per parameter, a digest of its full value (FSDP2 shards are gathered: on every rank)."""
+    return {n: hashlib.sha256((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().tobytes())
+            .hexdigest() for n, p in module.named_parameters()}
 
 
 class Record(pl.Callback):
@@ -117,7 +140,13 @@ def trainer(strategy, callbacks, **kw):
 def main(strategy, out):
     if strategy == "resume":
         return resume(out)
-    trainer(strategy, [FreezeScheduler(SCHEDULE, log=None), Record(Path(out) / strategy)]).fit(Module(), loader())
+    module = Module()
+    if strategy == "model_parallel":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy, module = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), Sharded()
+    record = Record(Path(out) / ("model_parallel" if isinstance(module, Sharded) else strategy))
+    trainer(strategy, [FreezeScheduler(SCHEDULE, log=None), record]).fit(module, loader())
 
 
 class Killed(Exception):

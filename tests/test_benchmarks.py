@@ -209,3 +209,49 @@ def test_a_missing_jax_is_reported_not_run(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a))
     assert cli.framework_missing("jax") == "flax not installed"
+
+
+def test_distributed_is_a_section_of_the_full_run():
+    from benchmarks.__main__ import OTHER_SECTIONS, SECTIONS, parse
+
+    assert "distributed" in SECTIONS and "distributed" in OTHER_SECTIONS
+    assert parse(["--only", "distributed"]).only == ["distributed"]
+
+
+def _comparison(a: float, b: float) -> dict:
+    return {"layerlock": {"median": a}, "hand": {"median": b}, "ratio": a / b, "paired_ratio": a / b,
+            "control/hand": 1.0}
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # no step suites to plot
+def test_the_distributed_section_renders_ratios_bytes_and_targets(tmp_path):
+    pytest.importorskip("matplotlib")
+    shares = {"bytes_ratio": 0.25, "trainable_share": 0.25}
+    dist = {"loop": {"size": {"width": 8, "body": 2, "head": 2, "batch": 4}, **shares,
+                     "phases": {"frozen": _comparison(0.0101, 0.0100), "full": _comparison(0.02, 0.019)},
+                     "transition_s": {"layerlock": [0.01, 0.02], "hand": [0.01, 0.02]}},
+            "lightning": {"frozen": {**_comparison(0.01, 0.01), "skip": 3}, **shares, "bytes_layerlock/hand": 1.0},
+            "trainer": {"error": "transformers not installed"}}
+    (tmp_path / "cpu.json").write_text(json.dumps({**_results({}), "distributed": dist}))
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    assert "### Distributed: 2 processes (gloo, CPU)" in text and "**1.010×**" in text
+    assert "plain loop, `DistributedDataParallel`: layerlock ÷ hand step time ≤ 1.03 (paired) | frozen 1.010 / full 1.053" \
+        " | **missed**: 1.053×" in text
+    assert "Hugging Face Trainer: layerlock ÷ hand step time ≤ 1.03 (paired) | not run | not measured" in text
+    assert "loop 0.25 (share 0.25); lightning 0.25 (share 0.25) | met" in text
+    assert "Hugging Face Trainer: not run: transformers not installed" in text
+
+
+def test_the_distributed_loop_part_runs_on_two_processes_in_quick_mode():
+    pytest.importorskip("torch")
+    from benchmarks import distributed
+
+    out = distributed.launch("loop", quick=True)  # two ranks over gloo, about 10 s
+    assert "error" not in out, out.get("error")
+    for phase in ("frozen", "full"):
+        c = out["phases"][phase]
+        assert len(c["layerlock"]["samples_s"]) == len(c["hand"]["samples_s"]) == distributed.LOOP[True]["reps"]
+        assert c["ratio"] > 0 and c["paired_ratio"] > 0 and c["control/hand"] > 0
+    # the frozen phase all-reduces exactly the trainable gradients, on both ranks alike
+    assert out["bytes_ratio"] == pytest.approx(out["trainable_share"], rel=1e-9) and out["trainable_share"] < 1
+    assert out["rank1_bytes"] == out["bytes"]

@@ -24,6 +24,7 @@ from layerlock.lightning import FreezeScheduler  # noqa: E402
 
 WORKER = Path(__file__).parent / "lightning_ddp_worker.py"
 STRATEGIES = ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn")
+SHARDED = ("model_parallel",)  # ModelParallelStrategy with FSDP2 fully_shard: no wrapper to rebuild
 BACKBONE = {"backbone.0.weight", "backbone.0.bias"}
 HEAD = {"head.weight", "head.bias"}
 TIMEOUT = 120  # seconds for all the runs together; they take about 35 s on 2 cores (the resume about 1 s of it)
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
     """strategy -> [rank 0's record, rank 1's record]; the runs go side by side, each under a timeout."""
     root = Path(__file__).resolve().parent.parent
     started = {}
-    for group in ("ddp,ddp_find_unused_parameters_true,resume", "ddp_spawn"):  # one pair of processes per group
+    for group in ("ddp,ddp_find_unused_parameters_true,model_parallel,resume", "ddp_spawn"):  # one pair of processes per group
         out = tmp_path_factory.mktemp("runs")
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
@@ -63,12 +64,21 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.fixture(params=STRATEGIES)
-def ranks(request, runs):
-    code, log, records = runs[request.param]
+def epochs_of(runs, strategy):
+    code, log, records = runs[strategy]
     assert code == 0 and None not in records, log
     assert [r["world"] for r in records] == [2, 2]
-    return request.param, [r["epochs"] for r in records]
+    return strategy, [r["epochs"] for r in records]
+
+
+@pytest.fixture(params=STRATEGIES + SHARDED)
+def ranks(request, runs):
+    return epochs_of(runs, request.param)
+
+
+@pytest.fixture(params=STRATEGIES)
+def ddp_ranks(request, runs):
+    return epochs_of(runs, request.param)
 
 
 def test_every_phase_trains_and_the_ranks_stay_bit_identical(ranks):
@@ -85,8 +95,8 @@ def test_frozen_weights_are_bit_identical_while_frozen_and_train_once_unfrozen(r
     assert [{n for n, on in e["trainable"].items() if on} for e in epochs] == moved
 
 
-def test_the_ddp_wrapper_in_force_tracks_exactly_the_trainable_set(ranks):
-    strategy, (epochs, _) = ranks
+def test_the_ddp_wrapper_in_force_tracks_exactly_the_trainable_set(ddp_ranks):
+    strategy, (epochs, _) = ddp_ranks
     assert all(e["ddp"] for e in epochs)
     assert [e["find_unused"] for e in epochs] == [strategy == "ddp_find_unused_parameters_true"] * 3
     assert [e["tracked"] for e in epochs] == [2, 4, 2]  # frozen tensors are out of the reducer

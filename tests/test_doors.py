@@ -22,6 +22,7 @@ DOORS = {
         "_distribute_strategy", "_is_compiled", "_compiled_trainable_state", "_reset_compile_cache",  # models
         "_learning_rate", "_backend_apply_gradients", "_backend_update_step", "_parallel_update_step",  # rates
         "_apply_weight_decay", "_use_weight_decay", "_get_current_learning_rate",
+        "_weights_path", "_prev_weights_path",                                     # BackupAndRestore files
     },
     BACKENDS / "torch_internals.py": {
         "_parameters", "_modules",                                    # a module's own entries (the walk)

@@ -23,6 +23,13 @@ The layouts (Keras 3, tf_keras 2):
   tf_keras trains with the layer flags recorded at ``compile()`` (``_is_compiled``,
   ``_compiled_trainable_state``, refreshed by ``_reset_compile_cache``).
 - the torch Keras backend keeps a variable's ``torch.nn.Parameter`` in ``_value``.
+- resuming (:func:`fit_callbacks`, :func:`backup_files`, :func:`attach_record`): ``fit``
+  builds a ``keras.callbacks.CallbackList`` whose ``set_model`` calls each callback's
+  ``set_model`` before any ``on_train_begin``; ``BackupAndRestore`` loads
+  ``_weights_path`` (then ``_prev_weights_path``, on an ``OSError``); ``save_weights``
+  walks the model's attributes and writes a layer's ``save_own_variables`` store to the
+  HDF5 group ``<attribute>/vars``. A Keras that stops doing so writes no record, and the
+  resume is refused (:data:`RECORD`), never silently wrong.
 - per-variable rates (:func:`upgrade`): a Keras 3 optimizer's ``apply`` runs
   ``_backend_apply_gradients``, which calls ``_apply_weight_decay(variables)`` (reading
   ``weight_decay`` and ``learning_rate``, through ``_get_current_learning_rate``, and
@@ -43,8 +50,10 @@ keras and tf_keras are only read from ``sys.modules`` or imported inside functio
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -472,6 +481,84 @@ def _name_scope(optimizer: Any, layout: _Layout) -> Any:
 
         return keras.name_scope(optimizer.name, caller=optimizer)
     return nullcontext()
+
+
+# -- resuming through BackupAndRestore ----------------------------------------------------------
+RECORD = "layerlock_freeze_scheduler"  # the model attribute, and the weights-file group, of the record
+_RECORD_CLASS: list[type] = []
+NO_BACKUP = ("Safe fallback: checkpoint with ModelCheckpoint, save FreezeScheduler.state_dict() next to it, and "
+             "on restart call load_state_dict(saved) before loading the weights (see its docstring)")
+
+
+def fit_callbacks(callback: Any) -> list[Any] | None:
+    """The callbacks of the ``fit`` calling ``callback.set_model``: those of the
+    ``keras.callbacks.CallbackList`` on the call stack that holds ``callback``; None when
+    no such list calls (``set_model`` called by hand).
+
+    >>> import keras
+    >>> fit_callbacks(keras.callbacks.Callback()) is None
+    True
+    """
+    keras = sys.modules["keras"]
+    frame = inspect.currentframe()
+    try:
+        for _ in range(4):  # this function <- the callback's set_model <- CallbackList.set_model
+            frame = frame.f_back if frame is not None else None
+            owner = frame.f_locals.get("self") if frame is not None else None
+            if isinstance(owner, keras.callbacks.CallbackList):
+                callbacks = _attr(owner, "callbacks", list, NO_BACKUP)
+                return callbacks if any(c is callback for c in callbacks) else None
+        return None
+    finally:
+        del frame
+
+
+def backup_files(backup: Any) -> list[str]:
+    """The weights files a ``keras.callbacks.BackupAndRestore`` restores from, in the order it tries them.
+
+    >>> import keras
+    >>> [p.rsplit("/", 1)[-1] for p in backup_files(keras.callbacks.BackupAndRestore("/tmp/b"))]
+    ['latest.weights.h5', 'latest.weights.h5.bkp']
+    """
+    return [_attr(backup, "_weights_path", str, NO_BACKUP), _attr(backup, "_prev_weights_path", str, NO_BACKUP)]
+
+
+def attach_record(model: Any, state: Callable[[], Mapping[str, Any]]) -> None:
+    """Make every weights file saved from ``model`` carry ``state()`` (JSON) as :data:`RECORD`:
+    an untracked layer at ``model.<RECORD>`` whose ``save_own_variables`` writes it (it is no
+    sublayer of the model, and loads nothing); :func:`detach_record` takes it off."""
+    if not _RECORD_CLASS:
+        import numpy as np
+
+        keras = sys.modules["keras"]
+
+        class LayerlockRecord(keras.layers.Layer):  # type: ignore[misc,name-defined]
+            def save_own_variables(self, store: Any) -> None:
+                store["state"] = np.frombuffer(json.dumps(self.layerlock_state()).encode(), dtype=np.uint8)
+
+            def load_own_variables(self, store: Any) -> None:
+                pass  # read before anything loads, by read_record
+
+        _RECORD_CLASS.append(LayerlockRecord)
+    record = _RECORD_CLASS[0](name=RECORD)
+    object.__setattr__(record, "layerlock_state", state)
+    object.__setattr__(model, RECORD, record)  # untracked: not a sublayer, not in model.layers
+
+
+def detach_record(model: Any) -> None:
+    """Take the record :func:`attach_record` put on ``model`` off it."""
+    vars(model).pop(RECORD, None)
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    """The record (:func:`attach_record`) in the weights file ``path``; None when it holds
+    none; ``OSError`` when it cannot be read."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        data = f.get(f"{RECORD}/vars/state")
+        state: dict[str, Any] | None = None if data is None else json.loads(bytes(data[()]).decode())
+    return state
 
 
 # -- per-variable learning rates ------------------------------------------------------------------
