@@ -381,29 +381,10 @@ def trainer_part(quick: bool) -> dict[str, Any]:
     from layerlock.backends.wrappers import ddp_of
     from layerlock.transformers import FreezeScheduler
 
+    from .overhead import step_timer, token_data
+
     transformers.logging.set_verbosity_error()
     s = TRAINER[quick]
-
-    class Data(torch.utils.data.Dataset):
-        def __init__(self, steps: int) -> None:
-            g = torch.Generator().manual_seed(0)
-            self.ids = torch.randint(1, 1000, (steps * s["batch"] * WORLD, s["seq"]), generator=g)
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
-
-    class Timer(transformers.TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append(time.perf_counter())
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append(time.perf_counter())
 
     class Count(transformers.TrainerCallback):
         def __init__(self) -> None:
@@ -429,13 +410,14 @@ def trainer_part(quick: bool) -> dict[str, Any]:
             output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=s["batch"],
             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo",
             disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(steps), callbacks=callbacks)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=token_data(steps * s["batch"] * WORLD, s["seq"]),
+                                      callbacks=callbacks)
         extra.trainer = trainer
         trainer.train()
         return extra
 
     def timed(mode: str) -> list[float]:
-        timer = train(mode, s["steps"], Timer())
+        timer = train(mode, s["steps"], step_timer())
         return [b - a for a, b in zip(timer.marks, timer.marks[1:])]
 
     out: dict[str, Any] = {"size": dict(s), "multi_phase": TRAINER_MULTI_PHASE,

@@ -155,6 +155,42 @@ TRAINER_STEPS = {True: 24, False: 60}   # three phases of equal length
 TRAINER_REPS = {True: 2, False: 6}
 
 
+def token_data(n: int, seq: int) -> Any:
+    """``n`` random token sequences of length ``seq`` (vocabulary 1000) with a parity label:
+    a dataset for the Trainer benchmarks."""
+    import torch
+
+    class Data(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(1, 1000, (n, seq), generator=g)
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
+
+    return Data()
+
+
+def step_timer() -> Any:
+    """A ``TrainerCallback`` whose ``marks`` are the times each step began, then the end."""
+    import transformers
+
+    class Timer(transformers.TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+    return Timer()
+
+
 def run_trainer(quick: bool) -> dict[str, Any]:
     """Time per ``Trainer`` step of a small BERT under a three-phase unfreezing schedule by
     step, with ``layerlock.transformers.FreezeScheduler`` and with a hand-written callback
@@ -172,27 +208,6 @@ def run_trainer(quick: bool) -> dict[str, Any]:
     blocks = ("bert.encoder.layer.2.", "bert.encoder.layer.3.")
     schedule = ll.Schedule({0: ll.freeze("bert"), third: ll.unfreeze(*(b[:-1] for b in blocks)),
                             2 * third: ll.unfreeze()})
-
-    class Data(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            g = torch.Generator().manual_seed(0)
-            self.ids = torch.randint(1, 1000, (steps * batch, 16), generator=g)
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
-
-    class Timer(transformers.TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append(time.perf_counter())
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append(time.perf_counter())
 
     class Hand(transformers.TrainerCallback):
         """The same schedule written by hand, as a Trainer user would without layerlock, with
@@ -219,7 +234,7 @@ def run_trainer(quick: bool) -> dict[str, Any]:
         config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
         model = transformers.BertForSequenceClassification(config)
-        timer = Timer()
+        timer = step_timer()
         if mode == "hand":
             for n, p in model.named_parameters():
                 p.requires_grad_(not n.startswith("bert."))
@@ -230,7 +245,8 @@ def run_trainer(quick: bool) -> dict[str, Any]:
             output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
             warmup_steps=2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
             logging_strategy="no", dataloader_num_workers=0)
-        transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks).train()
+        transformers.Trainer(model=model, args=args, train_dataset=token_data(steps * batch, 16),
+                             callbacks=callbacks).train()
         return [b - a for a, b in zip(timer.marks, timer.marks[1:])]
 
     samples: dict[str, list[list[float]]] = {"hand": [], "layerlock": []}

@@ -169,6 +169,14 @@ def schedule():
     return ll.Schedule({0: ll.freeze("body"), 2: ll.unfreeze()}, lr={2: 1e-3})
 
 
+def load(path, model, freezer, optimizer):
+    """Resume from ``path``: the model, then the freezer (it replays the phases), then the optimizer."""
+    saved = torch.load(path, weights_only=False)
+    model.load_state_dict(saved["model"])
+    freezer.load_state_dict(saved["freezer"])
+    optimizer.load_state_dict(saved["optimizer"])
+
+
 def scheduled(rank, epochs, *, count_bytes=False, resume=None):
     """Train body -> head in DDP under ``schedule()`` for ``epochs`` x 2 steps with the
     scheduler alone handling the wrapper; per epoch: ranks in sync, body unchanged, the
@@ -181,10 +189,7 @@ def scheduled(rank, epochs, *, count_bytes=False, resume=None):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     freezer = llt.FreezeScheduler(schedule(), ddp, opt, log=None)
     if resume is not None:
-        saved = torch.load(resume, weights_only=False)
-        inner.load_state_dict(saved["model"])
-        freezer.load_state_dict(saved["freezer"])
-        opt.load_state_dict(saved["optimizer"])
+        load(resume, inner, freezer, opt)
     body0 = torch.cat([p.detach().flatten() for p in inner.body.parameters()]).clone()
     sent = {"bytes": 0}
 
@@ -331,10 +336,7 @@ def fsdp2_scheduled(rank, epochs, *, resume=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     freezer = llt.FreezeScheduler(fsdp2_schedule(), model, opt, log=None)
     if resume is not None:
-        saved = torch.load(resume, weights_only=False)
-        model.load_state_dict(saved["model"])
-        freezer.load_state_dict(saved["freezer"])
-        opt.load_state_dict(saved["optimizer"])
+        load(resume, model, freezer, opt)
     sent = {"bytes": 0}
     real = dist.reduce_scatter_single
 

@@ -11,31 +11,13 @@ torch = pytest.importorskip("torch")
 import layerlock as ll  # noqa: E402
 from layerlock.transformers import FreezeScheduler  # noqa: E402
 
+from .trainer_ddp_worker import Data, bert  # noqa: E402  (the 2-process tests train the same BERT)
+
 LR, HEAD_LR, WARMUP = 1e-2, 3e-3, 2
 STEPS_PER_EPOCH = 4  # 32 examples, batch 8
 TOP = ll.unfreeze("bert.encoder.layer.2", "bert.encoder.layer.3")
 SCHEDULE = ll.Schedule({0: ll.freeze("bert"), 1: TOP, 2: ll.unfreeze()}, lr={1: HEAD_LR})
 STEP_SCHEDULE = ll.Schedule({0: ll.freeze("bert"), 4: TOP, 8: ll.unfreeze()}, lr={4: HEAD_LR})
-
-
-def bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
-    return transformers.BertForSequenceClassification(config)
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(1, 64, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] > 32).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
 
 
 class Probe(transformers.TrainerCallback):

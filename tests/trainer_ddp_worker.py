@@ -31,9 +31,10 @@ def bert(seed=0):
 
 
 class Data(torch.utils.data.Dataset):
-    """64 examples: 4 steps of 8 per rank and epoch, different examples on each rank."""
+    """``n`` examples; the 64 of the 2-process runs are 4 steps of 8 per rank and epoch,
+    different examples on each rank."""
 
-    def __init__(self, n=64):
+    def __init__(self, n=32):
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(1, 64, (n, 8), generator=g)
         self.labels = (self.ids[:, 0] > 32).long()
@@ -85,7 +86,7 @@ def run(unit, out, *, resume=None):
         per_device_train_batch_size=8, learning_rate=LR, weight_decay=0.1, warmup_steps=2,
         lr_scheduler_type="linear", save_strategy="steps" if unit == "epoch" else "no", save_steps=STOP,
         report_to=[], use_cpu=True, ddp_backend="gloo", seed=0, disable_tqdm=True, logging_strategy="no")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(64),
                                    callbacks=[FreezeScheduler(SCHEDULES[unit], unit=unit, log=None), probe])
     probe.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
