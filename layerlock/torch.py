@@ -163,11 +163,6 @@ def _refuse_unrewrappable(model: torch.nn.Module) -> None:
             f"FreezeScheduler rebuilds the DDP wrapper at each phase change and cannot rebuild a "
             f"{type(ddp).__name__} (a subclass of DistributedDataParallel with its own constructor). "
             "Wrap the module in torch.nn.parallel.DistributedDataParallel itself.")
-    if ddp is not model:
-        raise DistributedFreezeError(
-            f"FreezeScheduler rebuilds the DDP wrapper at each phase change, under the graphs the "
-            f"{type(model).__name__} around it captured (received a compiled or otherwise wrapped DDP). Pass the DistributedDataParallel wrapper itself; compile the inner module "
-            "(DistributedDataParallel(torch.compile(net))) if you compile.")
 
 
 def _refuse_empty_phases(schedule: Schedule, plans: list[Plan]) -> None:
@@ -244,8 +239,10 @@ class FreezeScheduler(LoopScheduler):
     parameters are out of backward and of the all-reduce). The wrapper and the parameters
     stay the same objects, so the training loop, the optimizer and its state keep working.
     Every rank must call ``step`` with the same epoch; at each change the ranks' trainable
-    sets are compared (:func:`check_ranks`); comm hooks are carried over. A wrapper built with ``static_graph=True``, a DDP subclass, or one
-    inside ``torch.compile`` is refused here with :class:`~layerlock.DistributedFreezeError`::
+    sets are compared (:func:`check_ranks`); comm hooks are carried over, and a
+    ``torch.compile(DistributedDataParallel(net))`` recompiles for the new set. A wrapper
+    built with ``static_graph=True`` or a DDP subclass is refused here with
+    :class:`~layerlock.DistributedFreezeError`::
 
         model = DistributedDataParallel(net)
         freezer = FreezeScheduler(schedule, model, optimizer)

@@ -177,17 +177,18 @@ def load(path, model, freezer, optimizer):
     optimizer.load_state_dict(saved["optimizer"])
 
 
-def scheduled(rank, epochs, *, count_bytes=False, resume=None):
+def scheduled(rank, epochs, *, count_bytes=False, resume=None, compiled=False):
     """Train body -> head in DDP under ``schedule()`` for ``epochs`` x 2 steps with the
     scheduler alone handling the wrapper; per epoch: ranks in sync, body unchanged, the
     wrapper and (count_bytes, through a comm hook registered once) the gradient bytes
-    all-reduced per step."""
+    all-reduced per step; ``compiled`` trains through ``torch.compile(ddp)``."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     inner = body_head()
     ddp = DDP(inner)
+    model = torch.compile(ddp) if compiled else ddp
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    freezer = llt.FreezeScheduler(schedule(), ddp, opt, log=None)
+    freezer = llt.FreezeScheduler(schedule(), model, opt, log=None)
     if resume is not None:
         load(resume, inner, freezer, opt)
     body0 = torch.cat([p.detach().flatten() for p in inner.body.parameters()]).clone()
@@ -207,11 +208,11 @@ def scheduled(rank, epochs, *, count_bytes=False, resume=None):
             g = torch.Generator().manual_seed(1000 * rank + 10 * epoch + step)
             x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
             opt.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()  # the wrapper given: rebuilt in place
+            nn.functional.cross_entropy(model(x), y).backward()  # the wrapper given: rebuilt in place
             opt.step()
         body = torch.cat([p.detach().flatten() for p in inner.body.parameters()])
         log.append({"epoch": epoch, "synced": in_sync(inner), "body_same": torch.equal(body, body0),
-                    "same_wrapper": freezer.model is ddp and ddp.module is inner,
+                    "same_wrapper": freezer.model is model and ddp.module is inner,
                     "bytes_per_step": sent["bytes"] / 2, "tracked": internals.ddp_tracked_count(ddp)})
     return {"log": log, "final": flat(inner), "freezer": freezer,
             "optimizer": opt, "inner": inner}
@@ -232,6 +233,8 @@ def schedule_scenarios(rank, tmp):
     stopped = scheduled(rank, range(3))  # stopped after epoch 2, in the second phase
     torch.save({"model": stopped["inner"].state_dict(), "optimizer": stopped["optimizer"].state_dict(),
                 "freezer": stopped["freezer"].state_dict()}, os.path.join(tmp, f"checkpoint{rank}.pt"))
+    compiled = scheduled(rank, range(3), compiled=True)
+    out["compiled"] = {"log": compiled["log"], "eager_diff": (compiled["final"] - stopped["final"]).abs().max().item()}
 
     inner = make()
     ddp = DDP(inner, static_graph=True)
@@ -241,7 +244,6 @@ def schedule_scenarios(rank, tmp):
                            and len(opt.param_groups) == 1 and ddp.module is inner}
     ddp = DDP(make())
     out["other_refusals"] = {
-        "compiled": refused(lambda: llt.FreezeScheduler(schedule_small(), torch.compile(ddp), None, log=None)),
         "nothing_trainable": refused(lambda: llt.FreezeScheduler(ll.Schedule({0: ll.freeze()}), ddp, None, log=None)),
         "unchanged": all(p.requires_grad for p in ddp.parameters())}
 
