@@ -45,10 +45,6 @@ TRAINER = {True: {"hidden": 64, "layers": 2, "seq": 32, "batch": 8, "steps": 10,
 SKIP = 3          # first steps of a fit or Trainer run left out of its median (warm-up)
 COUNT_STEPS = 4   # steps of the untimed runs that count bytes
 COUNTED = {True: ("layerlock", "full"), False: ("layerlock", "hand", "full")}   # their modes
-# The Trainer's schedule: one frozen phase; True (or LAYERLOCK_BENCH_MULTI_PHASE=1) adds a
-# later phase past the run's end, so the callback must carry a multi-phase schedule through
-# the Trainer's DDP wrapper.
-TRAINER_MULTI_PHASE = os.environ.get("LAYERLOCK_BENCH_MULTI_PHASE") == "1"
 
 
 # --- parent: start the ranks ---------------------------------------------------------------
@@ -367,11 +363,13 @@ def _byte_ratios(out: dict[str, Any]) -> None:
 
 # --- part: Hugging Face Trainer ------------------------------------------------------------
 
-def trainer_schedule(multi: bool, steps: int) -> Any:
-    """The encoder frozen; ``multi`` adds an unfreezing phase after the run's last step."""
+def trainer_schedule(steps: int) -> Any:
+    """The encoder frozen, then an unfreezing phase after the run's last step: the callback
+    carries a multi-phase schedule through the Trainer's DDP wrapper, and the run times its
+    frozen phase."""
     import layerlock as ll
 
-    return ll.Schedule({0: ll.freeze("bert"), steps + 100: ll.unfreeze()} if multi else {0: ll.freeze("bert")})
+    return ll.Schedule({0: ll.freeze("bert"), steps + 100: ll.unfreeze()})
 
 
 def trainer_part(quick: bool) -> dict[str, Any]:
@@ -405,7 +403,7 @@ def trainer_part(quick: bool) -> dict[str, Any]:
         if mode in ("hand", "control"):
             model.bert.requires_grad_(False)
         elif mode == "layerlock":
-            callbacks.insert(0, FreezeScheduler(trainer_schedule(TRAINER_MULTI_PHASE, steps), unit="step", log=None))
+            callbacks.insert(0, FreezeScheduler(trainer_schedule(steps), unit="step", log=None))
         args = transformers.TrainingArguments(
             output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=s["batch"],
             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo",
@@ -420,7 +418,7 @@ def trainer_part(quick: bool) -> dict[str, Any]:
         timer = train(mode, s["steps"], step_timer())
         return [b - a for a, b in zip(timer.marks, timer.marks[1:])]
 
-    out: dict[str, Any] = {"size": dict(s), "multi_phase": TRAINER_MULTI_PHASE,
+    out: dict[str, Any] = {"size": dict(s), "multi_phase": True,
                            "frozen": _interleaved(timed, s["reps"], quick), "bytes": {}}
     for mode in COUNTED[quick]:
         count = train(mode, COUNT_STEPS, Count())
