@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The frameworks the suite runs against (CPU builds); versions come from constraints.txt.
 TEST_DEPS := tensorflow-cpu transformers accelerate peft lightning equinox
 
-.PHONY: test install demo bench bench-quick docs compat clean
+.PHONY: test test-all install demo bench bench-quick docs compat clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The same suite with its longer variants (tests marked slow), about 2 minutes more.
+test-all: $(STAMP)
+	LAYERLOCK_TEST_ALL=1 $(BIN)/python -m pytest
 
 demo: $(STAMP)
 	$(BIN)/layerlock demo

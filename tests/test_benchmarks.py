@@ -242,6 +242,7 @@ def test_the_distributed_section_renders_ratios_bytes_and_targets(tmp_path):
     assert "Hugging Face Trainer: not run: transformers not installed" in text
 
 
+@pytest.mark.slow
 def test_the_distributed_loop_part_runs_on_two_processes_in_quick_mode():
     pytest.importorskip("torch")
     from benchmarks import distributed

@@ -28,6 +28,7 @@ EPOCHS, KILLS = 4, {"2": (2, 1), "3": (3, 1)}  # kill: (epoch, batch) -> raised 
 # each order with each kill once across the backends, fits being slow to compile.
 RESUMES = {"tensorflow": [("scheduler-first", "2"), ("backup-first", "3")],
            "torch": [("scheduler-first", "3")], "jax": [("backup-first", "2")]}
+SLOW = ("torch", "jax")  # the other backends' runs are make test-all's (LAYERLOCK_TEST_ALL=1)
 
 
 class Kill(Exception):
@@ -151,7 +152,9 @@ def runs(tmp_path_factory):
     the resumes; the backends run beside each other."""
     import importlib.util
 
-    outs = {b: tmp_path_factory.mktemp(b) for b in RESUMES if importlib.util.find_spec(b) is not None}
+    every = os.environ.get("LAYERLOCK_TEST_ALL") == "1"
+    outs = {b: tmp_path_factory.mktemp(b) for b in RESUMES
+            if importlib.util.find_spec(b) is not None and (every or b not in SLOW)}
     for stage in ("first", "resume"):
         procs = {b: run_stage(b, stage, out) for b, out in outs.items()}
         for b, proc in procs.items():
@@ -173,8 +176,9 @@ def max_diff(a, b):
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-@pytest.mark.parametrize(("backend", "order", "kill"), [(b, o, k) for b, runs in RESUMES.items() for o, k in runs],
-                         ids=lambda v: f"killed-in-epoch-{v}" if v in KILLS else v)
+@pytest.mark.parametrize(("backend", "order", "kill"), [
+    pytest.param(b, o, k, marks=[pytest.mark.slow] if b in SLOW else []) for b, runs in RESUMES.items() for o, k in runs],
+    ids=lambda v: f"killed-in-epoch-{v}" if v in KILLS else v)
 def test_a_fit_killed_in_a_later_phase_resumes_to_the_uninterrupted_result(runs, backend, order, kill):
     if backend not in runs:
         pytest.skip(f"{backend} is not installed")
