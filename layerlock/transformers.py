@@ -110,7 +110,7 @@ class FreezeScheduler(TrainerCallback):
                 # groups, so it joins at its phase's rate when a later phase unfreezes it.
                 _take_out(self._optimizer, lambda p: not p.requires_grad)
         else:
-            if saved.get("schedule") != self.schedule.to_dict():
+            if saved.get("schedule", self.schedule.to_dict()) != self.schedule.to_dict():  # 0.2 saved none
                 raise LayerlockError(
                     "this checkpoint was saved by a FreezeScheduler with another schedule "
                     f"({saved.get('schedule')!r}); received {self.schedule.to_dict()!r}. Resume with the schedule "
