@@ -227,10 +227,12 @@ class LoopScheduler:
 def check_saved_state(state: Any, schedule: Schedule, structure: str | None = None) -> None:
     """Refuse with :class:`~layerlock.LayerlockError`, changing nothing, a freeze scheduler
     ``state`` that was not saved with ``schedule`` (or, given the model's
-    :func:`structure_digest`, for a model of this ``structure``).
+    :func:`structure_digest`, for a model of this ``structure``; a state that records no
+    structure, as those of layerlock 0.2's NNX scheduler, is not compared).
 
     >>> import layerlock as ll
-    >>> state = {"epoch": 3, "phase": 1, "schedule": ll.gradual(2).to_dict()}
+    >>> state = {"epoch": 3, "phase": 1, "schedule": ll.gradual(2).to_dict(),
+    ...          "structure": structure_digest([("w", (3,))])}
     >>> check_saved_state(state, ll.gradual(2))
     >>> check_saved_state(state, ll.gradual(2), structure_digest([("w", (2,))]))
     Traceback (most recent call last):
@@ -242,12 +244,12 @@ def check_saved_state(state: Any, schedule: Schedule, structure: str | None = No
         got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise LayerlockError(f"this is not a FreezeScheduler state: received {got}; a state has the keys "
                              f"{sorted(keys)} (what FreezeScheduler.state_dict() returns)")
-    if structure is not None and state.get("structure") != structure:
-        saved_as = state.get("structure")
+    saved_as = state.get("structure", structure)  # a state from before structures were recorded: unchecked
+    if structure is not None and saved_as != structure:
         raise LayerlockError(
             "this FreezeScheduler state was saved for a model of another structure (parameter paths or "
-            f"shapes differ): saved {str(saved_as)[:12] if saved_as else 'without a fingerprint'}, this "
-            f"model {structure[:12]}. Load it into the architecture it was saved from. Nothing was changed.")
+            f"shapes differ): saved {str(saved_as)[:12]}, this model {structure[:12]}. Load it into the "
+            "architecture it was saved from. Nothing was changed.")
     try:
         saved = Schedule.from_dict(state["schedule"])
     except SpecError as exc:
