@@ -12,14 +12,12 @@ freeze scheduler for plain loops. ``import layerlock.torch`` imports torch.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
 
-from .backends import get_backend
-from .backends.distributed import rebuild_ddp
+from .backends.distributed import check_ranks, rebuild_for, refuse_empty_phases, refuse_unrebuildable
 from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
@@ -101,9 +99,15 @@ def _add_untracked(optimizer: Any, model: torch.nn.Module, settings: dict[str, A
     return [n for n, _ in new]
 
 
-def _take_out(optimizer: torch.optim.Optimizer, drop: Callable[[torch.Tensor], bool]) -> None:
+def take_out(optimizer: torch.optim.Optimizer, drop: Callable[[torch.Tensor], bool]) -> None:
     """Remove the parameters ``drop`` selects from ``optimizer``'s groups (their state stays,
-    keyed by the tensor), so that the next sync adds them as a group of their own."""
+    keyed by the tensor), so that the next sync adds them as a group of their own.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> take_out(opt, lambda p: p is net.bias); len(opt.param_groups[0]["params"])
+    1
+    """
     for group in optimizer.param_groups:
         keep = [not drop(p) for p in group["params"]]
         for key in ("params", "param_names"):  # torch keeps named params' names alongside
@@ -111,9 +115,15 @@ def _take_out(optimizer: torch.optim.Optimizer, drop: Callable[[torch.Tensor], b
                 group[key] = [x for x, k in zip(group[key], keep) if k]
 
 
-def _scheduled(optimizer: torch.optim.Optimizer, base: float) -> dict[str, float]:
+def scheduled_settings(optimizer: torch.optim.Optimizer, base: float) -> dict[str, float]:
     """The settings of a new group whose base rate is ``base`` under an LR scheduler: it
-    starts at ``base`` times the factor the scheduler gives the existing groups now."""
+    starts at ``base`` times the factor the scheduler gives the existing groups now.
+
+    >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    >>> opt.param_groups[0].update(initial_lr=0.2)
+    >>> scheduled_settings(opt, 0.01)
+    {'lr': 0.005, 'initial_lr': 0.01}
+    """
     first = next((g for g in optimizer.param_groups if g.get("initial_lr")), None)
     factor = first["lr"] / first["initial_lr"] if first is not None else 1.0
     return {"lr": base * factor, "initial_lr": base}
@@ -146,65 +156,6 @@ def rewrap(model: torch.nn.Module, spec: Spec, *, strict: bool = True, bn: BnPol
     result = apply(ddp.module, spec, strict=strict, bn=bn, frozen_mode=frozen_mode)
     rebuild_ddp(ddp)
     return model, result
-
-
-def _refuse_unrewrappable(model: torch.nn.Module) -> None:
-    """Refuse, before anything changes, a DDP model that a FreezeScheduler could not rebuild."""
-    ddp = ddp_of(model)
-    if ddp is None:
-        return
-    if ddp.static_graph:
-        raise DistributedFreezeError(
-            "FreezeScheduler rebuilds the DDP wrapper at each phase change, and a schedule changes the graph; "
-            "received DistributedDataParallel(static_graph=True). Wrap it with static_graph=False (the "
-            "default) and pass that to FreezeScheduler.")
-    if type(ddp) is not torch.nn.parallel.DistributedDataParallel:
-        raise DistributedFreezeError(
-            f"FreezeScheduler rebuilds the DDP wrapper at each phase change and cannot rebuild a "
-            f"{type(ddp).__name__} (a subclass of DistributedDataParallel with its own constructor). "
-            "Wrap the module in torch.nn.parallel.DistributedDataParallel itself.")
-
-
-def _refuse_empty_phases(schedule: Schedule, plans: list[Plan]) -> None:
-    """DDP cannot wrap a module with nothing to train: refuse such a phase before training."""
-    for phase, planned in zip(schedule.phases, plans):
-        if not planned.trainable_scalars:
-            raise DistributedFreezeError(
-                f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
-                "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
-                "Keep at least one parameter trainable in every phase.")
-
-
-def _rebuild_for(ddp: torch.nn.parallel.DistributedDataParallel | None, plan: Plan) -> None:
-    """After a phase changed the trainable set of the module inside ``ddp``: check that every
-    rank reached the same set, then rebuild the wrapper in place for it."""
-    if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
-        check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
-        rebuild_ddp(ddp)
-
-
-def check_ranks(model: torch.nn.Module, group: Any = None) -> str:
-    """All-gather a fingerprint of the trainable set (and inference holds) and raise
-    :class:`~layerlock.DistributedFreezeError` unless every rank has the same; call it on
-    every rank after applying. Returns the fingerprint.
-    """
-    import torch.distributed as dist
-
-    state = get_backend(model).read(model)
-    digest = hashlib.sha256(repr(sorted(state.params.items())).encode()
-                            + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()).hexdigest()
-    if not (dist.is_available() and dist.is_initialized()):
-        return digest
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, digest, group=group)
-    if len(set(gathered)) > 1:
-        groups: dict[str, list[int]] = {}
-        for rank, d in enumerate(gathered):
-            groups.setdefault(d, []).append(rank)
-        raise DistributedFreezeError(
-            "ranks disagree on the trainable set: " + "; ".join(f"ranks {r} have {d[:12]}" for d, r in groups.items())
-            + ". Apply the same spec, with the same options, on every rank.")
-    return digest
 
 
 class _InsideDDP(PhaseStepper):
@@ -267,7 +218,7 @@ class FreezeScheduler(LoopScheduler):
     def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
-        _refuse_unrewrappable(model)
+        refuse_unrebuildable(model)
         super().__init__(schedule, model, strict=strict, bn=bn, frozen_mode=frozen_mode, log=log)
         self.optimizer, self.scheduler = optimizer, scheduler
         if ddp_of(model) is not None:
@@ -275,7 +226,7 @@ class FreezeScheduler(LoopScheduler):
 
     def _refuse(self, plans: list[Plan]) -> None:
         if ddp_of(self.model) is not None:
-            _refuse_empty_phases(self.schedule, plans)
+            refuse_empty_phases(self.schedule, plans)
 
     @property
     def _module(self) -> torch.nn.Module:
@@ -283,7 +234,7 @@ class FreezeScheduler(LoopScheduler):
         return unwrap(self.model)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
-        _rebuild_for(ddp_of(self.model), plan)
+        rebuild_for(ddp_of(self.model), plan)
         if self.optimizer is None:
             return ""
         optimizer = unwrap_prepared(self.optimizer)
@@ -292,11 +243,11 @@ class FreezeScheduler(LoopScheduler):
             # holds it (built from model.parameters()): it moves, with its state, to the new group.
             tensors = dict(self._module.named_parameters(remove_duplicate=False))
             ids = {id(tensors[p.path]) for p in plan.params if p.trainable_after and not p.trainable_before}
-            _take_out(optimizer, lambda p: id(p) in ids)
+            take_out(optimizer, lambda p: id(p) in ids)
         # The phase's lr (else the optimizer's default) is a base rate under an LR scheduler.
         settings: dict[str, Any] = {} if phase.lr is None else {"lr": phase.lr}
         if self.scheduler is not None:
-            settings = _scheduled(optimizer, phase.lr if phase.lr is not None else optimizer.defaults["lr"])
+            settings = scheduled_settings(optimizer, phase.lr if phase.lr is not None else optimizer.defaults["lr"])
         added = _add_untracked(optimizer, self._module, settings, self.scheduler)
         if not added:
             return ""

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .backends.distributed import rebuild_for, refuse_empty_phases, refuse_unrebuildable
 from .backends.hf_internals import calling_trainer
 from .backends.torch_internals import check_scheduler, extend_scheduler, wrap_state_dict
 from .backends.wrappers import ddp_of, unwrap_prepared
@@ -48,7 +49,7 @@ from .resolver import BnPolicy
 from .results import Plan
 from .schedule import Phase, Schedule
 from .stepper import PhaseStepper, log_option, warn_check
-from .torch import _rebuild_for, _refuse_empty_phases, _refuse_unrewrappable, _scheduled, _take_out
+from .torch import scheduled_settings, take_out
 
 __all__ = ["FreezeScheduler"]
 
@@ -108,7 +109,7 @@ class FreezeScheduler(TrainerCallback):
             if not self._optimizer.state:
                 # What a phase froze has no optimizer state yet: leave it out of the Trainer's
                 # groups, so it joins at its phase's rate when a later phase unfreezes it.
-                _take_out(self._optimizer, lambda p: not p.requires_grad)
+                take_out(self._optimizer, lambda p: not p.requires_grad)
         else:
             if saved.get("schedule", self.schedule.to_dict()) != self.schedule.to_dict():  # 0.2 saved none
                 raise LayerlockError(
@@ -140,8 +141,8 @@ class FreezeScheduler(TrainerCallback):
         wrapped = getattr(calling_trainer(Trainer), "model_wrapped", None)
         ddp = ddp_of(wrapped) if wrapped is not None else None
         if ddp is not None:
-            _refuse_unrewrappable(ddp)
-            _refuse_empty_phases(self.schedule, plans)
+            refuse_unrebuildable(ddp)
+            refuse_empty_phases(self.schedule, plans)
             return ddp
         later = {n for p in plans[1:] for n in p.trainable} - set(plans[0].trainable)
         if later:
@@ -171,7 +172,7 @@ class FreezeScheduler(TrainerCallback):
         """Rebuild the DDP wrapper for the new trainable set; add the newly trainable
         parameters as the Trainer would group them, following its schedule from the phase's
         base rate."""
-        _rebuild_for(self._ddp, plan)
+        rebuild_for(self._ddp, plan)
         optimizer = self._optimizer
         if optimizer is None:
             return ""
@@ -180,7 +181,7 @@ class FreezeScheduler(TrainerCallback):
             return ""
         decay = set(Trainer.get_decay_parameter_names(None, self._model))  # the Trainer's own rule
         base = phase.lr if phase.lr is not None else self._args.learning_rate
-        settings = _scheduled(optimizer, base)
+        settings = scheduled_settings(optimizer, base)
         named = any("param_names" in g for g in optimizer.param_groups)  # then every group must be named
         for weight_decay, pairs in ((self._args.weight_decay, [(n, p) for n, p in new if n in decay]),
                                     (0.0, [(n, p) for n, p in new if n not in decay])):

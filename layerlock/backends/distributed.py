@@ -9,6 +9,7 @@ build the DDP wrapper again in place (what ``layerlock.torch.rewrap`` does).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import sys
 from collections.abc import Iterable
@@ -17,6 +18,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import DistributedFreezeError
+from ..results import Plan
+from ..schedule import Schedule
+from . import get_backend
 from . import torch_internals as internals
 from .wrappers import ddp_of, unwrap
 
@@ -130,3 +134,78 @@ def rebuild_ddp(ddp: nn.parallel.DistributedDataParallel) -> nn.parallel.Distrib
         ddp.register_comm_hook(state, hook)
     ddp.training = training  # not ddp.train(): that would reach the module's held norm layers
     return ddp
+
+
+def refuse_unrebuildable(model: nn.Module) -> None:
+    """Refuse, before anything changes, a DDP model that a FreezeScheduler could not rebuild
+    (``static_graph=True``, a DDP subclass); any other model passes.
+
+    >>> refuse_unrebuildable(nn.Linear(1, 1))
+    """
+    ddp = ddp_of(model)
+    if ddp is None:
+        return
+    if ddp.static_graph:
+        raise DistributedFreezeError(
+            "FreezeScheduler rebuilds the DDP wrapper at each phase change, and a schedule changes the graph; "
+            "received DistributedDataParallel(static_graph=True). Wrap it with static_graph=False (the "
+            "default) and pass that to FreezeScheduler.")
+    if type(ddp) is not nn.parallel.DistributedDataParallel:
+        raise DistributedFreezeError(
+            f"FreezeScheduler rebuilds the DDP wrapper at each phase change and cannot rebuild a "
+            f"{type(ddp).__name__} (a subclass of DistributedDataParallel with its own constructor). "
+            "Wrap the module in nn.parallel.DistributedDataParallel itself.")
+
+
+def refuse_empty_phases(schedule: Schedule, plans: list[Plan]) -> None:
+    """DDP cannot wrap a module with nothing to train: refuse such a phase of ``schedule``
+    (``plans``: its phases' plans) before training.
+
+    >>> import layerlock as ll
+    >>> from layerlock.results import Plan
+    >>> refuse_empty_phases(ll.Schedule({0: ll.freeze("a")}), [Plan(ll.freeze("a"), ("b",), (1,), (True,), (True,), (None,))])
+    """
+    for phase, planned in zip(schedule.phases, plans):
+        if not planned.trainable_scalars:
+            raise DistributedFreezeError(
+                f"phase at epoch {phase.epoch} ({phase.spec!r}) leaves nothing trainable, and "
+                "DistributedDataParallel cannot wrap a module without a parameter that requires grad. "
+                "Keep at least one parameter trainable in every phase.")
+
+
+def rebuild_for(ddp: nn.parallel.DistributedDataParallel | None, plan: Plan) -> None:
+    """After a phase changed the trainable set of the module inside ``ddp``: check that every
+    rank reached the same set, then rebuild the wrapper in place for it (:func:`rebuild_ddp`);
+    nothing for no wrapper or a plan that changes no flag.
+
+    >>> import layerlock as ll
+    >>> from layerlock.results import Plan
+    >>> rebuild_for(None, Plan(ll.freeze(), ("w",), (1,), (True,), (False,), (0,)))
+    """
+    if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
+        check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
+        rebuild_ddp(ddp)
+
+
+def check_ranks(model: nn.Module, group: Any = None) -> str:
+    """All-gather a fingerprint of the trainable set (and inference holds) and raise
+    :class:`~layerlock.DistributedFreezeError` unless every rank has the same; call it on
+    every rank after applying. Returns the fingerprint.
+    """
+    import torch.distributed as dist
+
+    state = get_backend(model).read(model)
+    digest = hashlib.sha256(repr(sorted(state.params.items())).encode()
+                            + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()).hexdigest()
+    if not (dist.is_available() and dist.is_initialized()):
+        return digest
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, digest, group=group)
+    if len(set(gathered)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, d in enumerate(gathered):
+            groups.setdefault(d, []).append(rank)
+        raise DistributedFreezeError(
+            "ranks disagree on the trainable set: " + "; ".join(f"ranks {r} have {d[:12]}" for d, r in groups.items())
+            + ". Apply the same spec, with the same options, on every rank.")
+    return digest
