@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.distributed import check_ranks, rebuild_for, refuse_empty_phases, refuse_unrebuildable
+from .backends.distributed import check_ranks, rebuild_ddp, rebuild_for, refuse_empty_phases, refuse_unrebuildable
 from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
