@@ -259,7 +259,7 @@ class FreezeScheduler(LoopScheduler):
         if with_lr:  # every phase checked: now make the optimizer able to take their lr
             _fit(optimizer, model, lr=None, owner=owner, given=given, rated=True)  # type: ignore[arg-type]
 
-    def _structure(self) -> str:
+    def structure(self) -> str:
         return structure_digest((path, np.shape(var.get_value())) for path, var in parameters(self.model).items())
 
     def _sync(self, phase: Phase, plan: Plan) -> str:

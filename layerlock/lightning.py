@@ -115,7 +115,7 @@ class FreezeScheduler(Callback):
         """
         state = dict(state_dict) or None
         if state is not None:  # before setup (no model yet) the structure is checked in on_fit_start
-            check_saved_state(state, self.schedule, None if self.loop is None else self.loop.state_dict()["structure"])
+            check_saved_state(state, self.schedule, None if self.loop is None else self.loop.structure())
         self._resume = state
 
 

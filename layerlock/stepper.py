@@ -192,16 +192,21 @@ class LoopScheduler:
     def _sync(self, phase: Phase, plan: Plan) -> str:
         return ""
 
-    def _structure(self) -> str | None:
+    def structure(self) -> str | None:
         """The model's :func:`structure_digest`, which the state records and ``load_state_dict``
-        compares; None where the framework's scheduler does not record one."""
+        compares; None where the framework's scheduler does not record one.
+
+        >>> import torch, layerlock as ll
+        >>> LoopScheduler(ll.Schedule({0: ll.freeze("weight")}), torch.nn.Linear(1, 1), log=None).structure() is None
+        True
+        """
         return None
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch last begun, the phase in force, the schedule and, where the framework's
         scheduler records it, the model's structure (:func:`structure_digest`)."""
         state = {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
-        structure = self._structure()
+        structure = self.structure()
         if structure is not None:
             state["structure"] = structure
         return state
@@ -219,7 +224,7 @@ class LoopScheduler:
         ...
         layerlock.errors.LayerlockError: this FreezeScheduler state was saved with another schedule, ...
         """
-        check_saved_state(state, self.schedule, self._structure())
+        check_saved_state(state, self.schedule, self.structure())
         self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]
 

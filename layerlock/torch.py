@@ -253,7 +253,7 @@ class FreezeScheduler(LoopScheduler):
             return ""
         return f"optimizer +{len(added)} tensors" + (f" at lr {phase.lr:g}" if phase.lr is not None else "")
 
-    def _structure(self) -> str:
+    def structure(self) -> str:
         return structure_fingerprint(self._module)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
