@@ -22,9 +22,9 @@ from typing import Literal, TypeVar
 
 from . import families
 from .errors import LayerlockWarning, NoMatchError, SpecError
-from .results import LayerPlan, Plan, state_name
-from .spec import Rule, Spec, matcher
-from .tree import Node, Tree
+from .results import LayerPlan, Plan, RowPlan, state_name
+from .spec import ROW_FORMS, Rule, Spec, matcher
+from .tree import Node, RowAxis, Tree
 
 BN_POLICIES: tuple[str, ...] = ("follow", "trainable", "frozen")
 FROZEN_MODES: tuple[str | None, ...] = (None, "eval")
@@ -231,7 +231,11 @@ class _Resolver:
                 positions.setdefault(key, []).append(o)
             groups = [os for os in positions.values() if len(os) > 1]
         self.selected_by: dict[int, set[int]] = {o: set() for os in groups for o in os}
+        self.row_selected: dict[int, list[int]] = {}  # a rows= rule -> the occurrences it selects
         for r, rule in enumerate(rules):
+            if rule.rows is not None:
+                self.row_selected[r] = self.selection(r, rule, labels[r])
+                continue
             self.apply_rule(r, rule, labels[r])
             for o, selected in self.selected_by.items():
                 if r in (self.param_rule[o], self.node_rule[tree.owner[o]]):
@@ -243,6 +247,18 @@ class _Resolver:
             for o in os:
                 decided[o] = last
         return decided, groups
+
+
+    def selection(self, r: int, rule: Rule, label: str) -> list[int]:
+        """The occurrences ``rule`` selects, leaving every other rule's marks as they are."""
+        kept = self.node_rule, self.param_rule
+        self.node_rule, self.param_rule = [-1] * len(kept[0]), [-1] * len(kept[1])
+        try:
+            self.apply_rule(r, rule, label)
+            node_rule = self.node_rule
+            return [o for o, (pr, i) in enumerate(zip(self.param_rule, self.tree.owner)) if r in (pr, node_rule[i])]
+        finally:
+            self.node_rule, self.param_rule = kept
 
 
 def select(root: Node | Tree, patterns: Sequence[str], *, strict: bool = True, what: str = "pattern") -> list[int]:
@@ -307,6 +323,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
         for i in [i for i, norm in enumerate(tree.norm) if norm]:
             for o in range(first[i], first[i + 1]):
                 after[o], rules[o] = bn == "trainable", "bn"
+    partial = _decide_rows(res, spec, decided, after, rules, groups) if res.row_selected or tree.rows else {}
     if not param_level:
         _check_whole_layers(tree, after, backend)
     layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec)) if holds != "none" else ()
@@ -321,8 +338,14 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
         carried = {row_of[os[0]]: missed for os in groups if (missed := _carried(res, os, rules[os[0]]))}
         paths, numels, before = [paths[o] for o in rows], [numels[o] for o in rows], [before[o] for o in rows]
         after, rules = [after[o] for o in rows], [rules[o] for o in rows]
+    row_plans = {}
+    if tree.rows:  # the tensors trainable in part, before or after, by their plan row
+        row_of_occurrence = row_of if groups else {o: o for o in tree.rows}
+        row_plans = {row_of_occurrence[o]: RowPlan(info.length, info.trainable, partial.get(o))
+                     for o, info in tree.rows.items()
+                     if o in row_of_occurrence and (info.trainable is not None or o in partial)}
     plan = Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
-                layers, bn, frozen_mode, backend, carried, res.counted)
+                layers, bn, frozen_mode, backend, carried, res.counted, row_plans)
     notes = [plan.tied_note(k) for k in carried if before[k] != after[k]]
     if notes:
         warnings.warn(
@@ -331,6 +354,58 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
             + "\nTo decide the paths apart, untie the weights (e.g. tie_word_embeddings=False); to keep the "
             "tie, say so with a last rule that names all its paths.", LayerlockWarning, stacklevel=_outside())
     return plan
+
+
+def _decide_rows(res: _Resolver, spec: Spec, decided: list[int], after: list[bool], rules: list[int | str | None],
+                 groups: list[list[int]]) -> dict[int, tuple[int, ...]]:
+    """Apply the ``rows=`` rules, in order, to what each selects where no later whole-tensor
+    rule decides it; ``after`` and ``rules`` are updated in place. Returns the partially
+    trainable occurrences (a tied parameter under its first one) and their trainable rows."""
+    tree = res.tree
+    first = {o: os[0] for os in groups for o in os}
+    state: dict[int, set[int]] = {}
+    for r, selected in res.row_selected.items():
+        rule = spec.rules[r]
+        label = f"rule #{r} {rule!r}"
+        for o in dict.fromkeys(first.get(o, o) for o in selected):
+            if decided[o] > r:
+                continue  # a later rule decides the whole tensor
+            info = tree.rows.get(o)
+            if info is None:
+                raise SpecError(
+                    f"{label}: rows= decides the entries of an embedding table or the output units of a dense "
+                    f"layer, and {tree.param_paths[o]} ({tree.numels[o]} scalars) has no such axis that the "
+                    f"{res.backend or 'given'} backend can decide. Narrow the rule's patterns to such tensors.")
+            chosen = _row_set(rule.rows, info, tree.param_paths[o], label)  # type: ignore[arg-type]
+            if o not in state:
+                whole = set(range(info.length)) if after[o] else set()
+                state[o] = set(info.trainable) if decided[o] < 0 and info.trainable is not None else whole
+            state[o] = state[o] | chosen if rule.action == "unfreeze" else state[o] - chosen
+            rules[o] = r
+    partial = {o: info.trainable for o, info in tree.rows.items()
+               if info.trainable is not None and decided[o] < 0 and o not in state}  # untouched: kept
+    for o, on in state.items():
+        after[o] = len(on) == tree.rows[o].length
+        if on and not after[o]:
+            partial[o] = tuple(sorted(on))
+    return partial
+
+
+def _row_set(rows: str | tuple[int, ...], info: RowAxis, path: str, label: str) -> set[int]:
+    """The row indices ``rows`` names in a tensor of ``info``'s shape; SpecError out of range."""
+    where = f"{path} (shape {info.shape}, {info.length} rows on axis {info.axis})"
+    if isinstance(rows, str):
+        start, stop = (int(b) if b else None for b in rows.split(":"))
+        picked = range(info.length)[slice(start, stop)]
+        if not picked:
+            raise SpecError(f"{label}: rows={rows!r} selects no row of {where}; {ROW_FORMS}")
+        return set(picked)
+    out = set()
+    for i in rows:
+        if not -info.length <= i < info.length:
+            raise SpecError(f"{label}: row {i} is out of range for {where}; {ROW_FORMS}")
+        out.add(i % info.length)
+    return out
 
 
 def _check_holds(holds: str, frozen_mode: str | None, backend: str) -> None:

@@ -34,6 +34,28 @@ class ParamPlan(NamedTuple):
     carried: tuple[str, ...] = ()
 
 
+class RowPlan(NamedTuple):
+    """A tensor trainable in part (``rows=``), before or after applying: its number of rows
+    and the trainable rows before and after (None: the whole tensor follows its flag)."""
+
+    length: int
+    before: tuple[int, ...] | None
+    after: tuple[int, ...] | None
+
+
+def row_text(rows: tuple[int, ...], length: int) -> str:
+    """Rows as a user writes them: a slice where they are one run, else the indices.
+
+    >>> row_text((64, 65, 66), 67), row_text((1, 5), 8), row_text(tuple(range(9)), 20)
+    ('rows 64: of 67', 'rows [1, 5] of 8', 'rows :9 of 20')
+    """
+    if rows == tuple(range(rows[0], rows[-1] + 1)):
+        start, stop = ("" if rows[0] == 0 else rows[0]), ("" if rows[-1] + 1 == length else rows[-1] + 1)
+        return f"rows {start}:{stop} of {length}"
+    shown = list(rows) if len(rows) <= 8 else [*rows[:3], "...", rows[-1]]
+    return f"rows [{', '.join(map(str, shown))}] of {length}"
+
+
 class LayerPlan(NamedTuple):
     """A layer whose inference-mode hold is decided: whether layerlock holds it in inference
     mode before and after applying, and why (``"bn"`` policy or ``"frozen_mode"``)."""
@@ -56,7 +78,9 @@ class Plan:
     decision covers them too. ``params`` gives the same rows as :class:`ParamPlan` entries.
     ``blocks`` is set where ``depth`` counted the entries of a list rather than the children
     of the layer it was given (``nnx.Sequential``'s ``layers``): the list's path -> the block
-    paths counted.
+    paths counted. ``rows`` maps a row to a :class:`RowPlan` where the tensor is trainable in
+    part (``rows=``) before or after; its ``trainable_after`` is then False (the tensor as a
+    whole is not trainable) and the scalar counts count its rows.
 
     >>> import layerlock as ll
     >>> p = Plan(ll.freeze(), ("w", "b"), (4, 2), (True, True), (False, True), (0, None))
@@ -77,6 +101,7 @@ class Plan:
     backend: str = ""
     carried: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     blocks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    rows: Mapping[int, RowPlan] = field(default_factory=dict)
 
     @functools.cached_property
     def params(self) -> tuple[ParamPlan, ...]:
@@ -96,17 +121,25 @@ class Plan:
         return tuple(p for p, a in zip(self.paths, self.trainable_after) if a)
 
     @property
+    def partial(self) -> tuple[str, ...]:
+        """Paths of the parameters trainable in part (some rows) after applying."""
+        return tuple(self.paths[k] for k, r in self.rows.items() if r.after is not None)
+
+    @property
     def changed(self) -> tuple[str, ...]:
-        """Paths of the parameters whose trainable flag the plan changes."""
-        return tuple(p for p, b, a in zip(self.paths, self.trainable_before, self.trainable_after) if b != a)
+        """Paths of the parameters whose trainable flag (or trainable rows) the plan changes."""
+        rows = self.rows
+        return tuple(p for k, (p, b, a) in enumerate(zip(self.paths, self.trainable_before, self.trainable_after))
+                     if b != a or (k in rows and rows[k].before != rows[k].after))
 
     @property
     def frozen_scalars(self) -> int:
-        return sum(n for n, a in zip(self.numels, self.trainable_after) if not a)
+        return sum(self.numels) - self.trainable_scalars
 
     @property
     def trainable_scalars(self) -> int:
-        return sum(n for n, a in zip(self.numels, self.trainable_after) if a)
+        whole = sum(n for n, a in zip(self.numels, self.trainable_after) if a)
+        return whole + sum(self.numels[k] // r.length * len(r.after) for k, r in self.rows.items() if r.after)
 
     @property
     def held(self) -> tuple[str, ...]:
@@ -175,26 +208,38 @@ class Plan:
             "frozen_scalars": self.frozen_scalars,
             "trainable_scalars": self.trainable_scalars,
         }
+        if self.rows:
+            out["rows"] = {self.paths[k]: {"rows": r.length, "trainable_before": r.before and list(r.before),
+                                           "trainable_after": r.after and list(r.after)} for k, r in self.rows.items()}
         if self.blocks:
             out["blocks"] = {where: list(paths) for where, paths in self.blocks.items()}
         return out
 
+    def state(self, row: int, after: bool = True) -> str:
+        """How trainable parameter ``row`` is after (or before) applying: ``trainable``,
+        ``frozen`` or, for a tensor trainable in part, its trainable rows."""
+        part = self.rows.get(row)
+        rows = None if part is None else part.after if after else part.before
+        if rows is not None:
+            return row_text(rows, part.length)  # type: ignore[union-attr]
+        return state_name((self.trainable_after if after else self.trainable_before)[row])
+
     def __str__(self) -> str:
         rows: list[list[Any]] = []
-        for p in self.params:
+        for k, p in enumerate(self.params):
             parent, _, name = p.path.rpartition(".")
             if p.aliases:  # a tied parameter shows all its paths
                 name += f" (= {', '.join(p.aliases)})"
-            key = (parent, p.trainable_before, p.trainable_after, p.rule, p.aliases, p.carried)
+            key = (parent, self.state(k, after=False), self.state(k), p.rule, p.aliases, p.carried)
             if rows and rows[-1][-1] == key:
                 rows[-1][0].append(name)
                 rows[-1][1] += p.numel
                 continue
-            rows.append([[name], p.numel, p.trainable_before, p.trainable_after, p.rule, key])
+            rows.append([[name], p.numel, key[1], key[2], p.rule, key])
         body = []
         for names, numel, before, after, rule, (parent, *_, carried) in rows:
             leaf = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
-            change = f"{state_name(before)} -> {state_name(after)}" if before != after else state_name(after)
+            change = f"{before} -> {after}" if before != after else after
             decided = self.describe(rule) + (" (tied: see below)" if carried else "")
             body.append((f"{parent}.{leaf}" if parent else leaf, count(numel), change, decided))
         text = [f"layerlock plan ({self.backend or 'tree'}; bn={self.bn!r}, frozen_mode={self.frozen_mode!r})",
@@ -206,9 +251,11 @@ class Plan:
             text.append("inference mode: " + ", ".join(
                 f"{lp.path} {'held' if lp.held_after else 'released'} ({lp.reason})" for lp in moved))
         n_changed = len(self.changed)
-        text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen)} tensors; "
-                    f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}; "
-                    f"{n_changed} tensor{'s' if n_changed != 1 else ''} change")
+        partial = len(self.partial)
+        text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen) - partial} tensors; "
+                    f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}"
+                    + (f", and in some rows of {partial}" if partial else "")
+                    + f"; {n_changed} tensor{'s' if n_changed != 1 else ''} change")
         return "\n".join(text)
 
 
@@ -267,7 +314,8 @@ class BlockRow:
 
 @dataclass(frozen=True)
 class Summary:
-    """Per top-level block: trainable / frozen tensors and scalars. ``str()`` is a table.
+    """Per top-level block: trainable / frozen tensors and scalars. ``str()`` is a table. A
+    tensor trainable in some rows counts as a trainable tensor, its scalars on both sides.
 
     >>> from layerlock.tree import Node, Param
     >>> s = Summary.of(Node("", "Net", children=[Node("fc", "Linear", params=[Param("fc.w", 6, False, 0)])]))
@@ -296,8 +344,13 @@ class Summary:
             for o in occurrences:
                 if tree.param_keys[o] not in seen:
                     seen.add(tree.param_keys[o])
-                    counts[2 * tree.trainable[o]] += 1
-                    counts[2 * tree.trainable[o] + 1] += tree.numels[o]
+                    part = tree.rows[o] if o in tree.rows and tree.rows[o].trainable is not None else None
+                    if part is None:
+                        counts[2 * tree.trainable[o]] += 1
+                        counts[2 * tree.trainable[o] + 1] += tree.numels[o]
+                        continue  # a tensor trainable in part: its rows on each side, itself as trainable
+                    on = tree.numels[o] // part.length * len(part.trainable)  # type: ignore[arg-type]
+                    counts[1:4] = [counts[1] + tree.numels[o] - on, counts[2] + 1, counts[3] + on]
             name = tree.layer_paths[j] if j else "(root)"
             rows.append(BlockRow(name, tree.kinds[j], counts[2], counts[3], counts[0], counts[1], held))
         return cls(tuple(rows))

@@ -22,11 +22,47 @@ from .errors import SpecError
 
 Action = Literal["freeze", "unfreeze"]
 ACTIONS: tuple[str, ...] = ("freeze", "unfreeze")
-RULE_KEYS: tuple[str, ...] = ("action", "patterns", "depth", "within", "kind")
+RULE_KEYS: tuple[str, ...] = ("action", "patterns", "depth", "within", "kind", "rows")
 SPEC_KEYS: tuple[str, ...] = ("version", "rules")
 VERSION = 1
 
 Patterns = str | Iterable[str]
+Rows = str | Iterable[int]
+ROW_FORMS = ('a slice string with step 1 ("64:", ":32000", "10:20") or a list of row indices ([3, 7]); '
+             "rows are the first axis of an embedding table and the output units of a dense layer")
+_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?(?::(-?\d+)?)?")
+
+
+def _rows(value: object) -> str | tuple[int, ...] | None:
+    """``rows=`` in its one stored form: ``"start:stop"`` or sorted unique indices.
+
+    >>> _rows(" 64 : "), _rows([7, 3, 7]), _rows(None)
+    ('64:', (3, 7), None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise SpecError(f"rows must be {ROW_FORMS}; received {value!r}")
+    if isinstance(value, str):
+        found = _SLICE.fullmatch(value.replace(" ", ""))
+        if found is None:
+            raise SpecError(f"rows must be {ROW_FORMS}; received {value!r}")
+        start, stop, step = found.groups()
+        if step not in (None, "1"):
+            raise SpecError(f"rows={value!r} has a step of {step}; only a step of 1 is accepted: {ROW_FORMS}")
+        if start is not None and stop is not None and int(start) >= 0 and int(stop) >= 0 and int(start) >= int(stop):
+            raise SpecError(f"rows={value!r} is an empty slice (start {start} >= stop {stop}): {ROW_FORMS}")
+        return f"{start or ''}:{stop or ''}"
+    if isinstance(value, int):
+        raise SpecError(f"rows={value!r} is a single number; write rows=[{value}] for that row: {ROW_FORMS}")
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        items = list(value)
+        bad = [i for i in items if not isinstance(i, int) or isinstance(i, bool)]
+        if bad or not items:
+            raise SpecError(f"rows must be {ROW_FORMS}; received {value!r}"
+                            + (f" (not integers: {bad[:3]})" if bad else " (no index)"))
+        return tuple(sorted(set(items)))
+    raise SpecError(f"rows must be {ROW_FORMS}; received {value!r} ({type(value).__name__})")
 
 
 def _strings(value: object, field_name: str) -> tuple[str, ...]:
@@ -89,7 +125,8 @@ class Rule:
 
     Selectors (``patterns``, ``depth`` with optional ``within``, ``kind``) combine as a
     union; a rule with no selector picks everything. A ``kind`` is a class-name glob or a
-    layer family (``"family:dense"``, :mod:`layerlock.families`).
+    layer family (``"family:dense"``, :mod:`layerlock.families`). ``rows`` narrows the
+    decision to those rows of each selected parameter (see :data:`ROW_FORMS`).
 
     >>> Rule("freeze", patterns=("backbone",))
     freeze('backbone')
@@ -100,6 +137,7 @@ class Rule:
     depth: int | None = None
     within: str | None = None
     kind: tuple[str, ...] = field(default=())
+    rows: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -126,6 +164,7 @@ class Rule:
             if not isinstance(self.within, str) or not self.within.strip():
                 raise SpecError(f"within must be a non-empty layer path; received {self.within!r}")
             object.__setattr__(self, "within", _normalise(self.within.strip()))
+        object.__setattr__(self, "rows", _rows(self.rows))
 
     @property
     def selects_all(self) -> bool:
@@ -147,6 +186,8 @@ class Rule:
             out["within"] = self.within
         if self.kind:
             out["kind"] = list(self.kind)
+        if self.rows is not None:
+            out["rows"] = self.rows if isinstance(self.rows, str) else list(self.rows)
         return out
 
     @classmethod
@@ -169,6 +210,7 @@ class Rule:
             depth=data.get("depth"),
             within=data.get("within"),
             kind=data.get("kind", ()),
+            rows=data.get("rows"),
         )
 
     def __repr__(self) -> str:
@@ -179,12 +221,15 @@ class Rule:
             args.append(f"within={self.within!r}")
         if self.kind:
             args.append(f"kind={self.kind[0]!r}" if len(self.kind) == 1 else f"kind={list(self.kind)!r}")
+        if self.rows is not None:
+            args.append(f"rows={self.rows!r}" if isinstance(self.rows, str) else f"rows={list(self.rows)!r}")
         return f"{self.action}({', '.join(args)})"
 
 
 def _rule(action: Action, patterns: tuple[Patterns, ...], depth: int | None, within: str | None,
-          kind: Patterns | None) -> Rule:
-    return Rule(action, patterns=tuple(patterns), depth=depth, within=within, kind=kind or ())  # type: ignore[arg-type]
+          kind: Patterns | None, rows: Rows | None = None) -> Rule:
+    return Rule(action, patterns=tuple(patterns), depth=depth, within=within, kind=kind or (),  # type: ignore[arg-type]
+                rows=rows)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -208,22 +253,22 @@ class Spec:
         object.__setattr__(self, "rules", rules)
 
     def freeze(self, *patterns: Patterns, depth: int | None = None, within: str | None = None,
-               kind: Patterns | None = None) -> Spec:
+               kind: Patterns | None = None, rows: Rows | None = None) -> Spec:
         """Return a new spec with a freeze rule appended.
 
         >>> Spec().freeze(depth=-3)
         Spec(freeze(depth=-3))
         """
-        return Spec((*self.rules, _rule("freeze", patterns, depth, within, kind)))
+        return Spec((*self.rules, _rule("freeze", patterns, depth, within, kind, rows)))
 
     def unfreeze(self, *patterns: Patterns, depth: int | None = None, within: str | None = None,
-                 kind: Patterns | None = None) -> Spec:
+                 kind: Patterns | None = None, rows: Rows | None = None) -> Spec:
         """Return a new spec with an unfreeze rule appended.
 
         >>> Spec().unfreeze("head")
         Spec(unfreeze('head'))
         """
-        return Spec((*self.rules, _rule("unfreeze", patterns, depth, within, kind)))
+        return Spec((*self.rules, _rule("unfreeze", patterns, depth, within, kind, rows)))
 
     def __add__(self, other: Spec) -> Spec:
         if not isinstance(other, Spec):
@@ -345,20 +390,22 @@ def _yaml() -> Any:
 
 
 def freeze(*patterns: Patterns, depth: int | None = None, within: str | None = None,
-           kind: Patterns | None = None) -> Spec:
+           kind: Patterns | None = None, rows: Rows | None = None) -> Spec:
     """A spec that freezes what the selectors pick (everything when none is given).
 
     >>> freeze("backbone", depth=2)
     Spec(freeze('backbone', depth=2))
     """
-    return Spec().freeze(*patterns, depth=depth, within=within, kind=kind)
+    return Spec().freeze(*patterns, depth=depth, within=within, kind=kind, rows=rows)
 
 
 def unfreeze(*patterns: Patterns, depth: int | None = None, within: str | None = None,
-             kind: Patterns | None = None) -> Spec:
+             kind: Patterns | None = None, rows: Rows | None = None) -> Spec:
     """A spec that unfreezes what the selectors pick (everything when none is given).
 
     >>> unfreeze("*.bias")
     Spec(unfreeze('*.bias'))
+    >>> unfreeze("embed_tokens", rows="32000:")     # only the new token rows of the table
+    Spec(unfreeze('embed_tokens', rows='32000:'))
     """
-    return Spec().unfreeze(*patterns, depth=depth, within=within, kind=kind)
+    return Spec().unfreeze(*patterns, depth=depth, within=within, kind=kind, rows=rows)

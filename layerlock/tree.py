@@ -14,7 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class RowAxis(NamedTuple):
+    """A parameter whose rows a spec can decide (``rows=``): its ``shape`` in the framework's
+    storage, the ``axis`` of its rows there (an embedding table's entries, a dense layer's
+    output units), and the rows trainable now when only some are (None: the whole tensor
+    follows its trainable flag).
+
+    >>> RowAxis((16, 4), 1).length
+    4
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    trainable: tuple[int, ...] | None = None
+
+    @property
+    def length(self) -> int:
+        """How many rows the tensor has."""
+        return self.shape[self.axis]
 
 
 @dataclass(eq=False, slots=True)
@@ -77,7 +97,9 @@ class Tree:
     (``layer_names``, ``param_names``: the entry's own path where it has none), and
     ``root``, the layer that ``depth`` and ``within`` count from: the torch backend names a
     PEFT model's weights as its base model does and makes the base model the root, so a
-    spec written for the base model selects the same weights after wrapping.
+    spec written for the base model selects the same weights after wrapping. ``rows`` maps a
+    parameter occurrence to its :class:`RowAxis` where a backend can decide single rows (an
+    embedding table's entries, a dense layer's output units).
     :func:`build` walks a framework's model into one, and :meth:`of` flattens a
     :class:`Node` tree. ``end[i]`` is exclusive: layer ``i``'s subtree is ``range(i, end[i])``.
 
@@ -101,6 +123,7 @@ class Tree:
     layer_names: list[str] | None = None
     param_names: list[str] | None = None
     root: int = 0
+    rows: dict[int, RowAxis] = field(default_factory=dict)
 
     @classmethod
     def of(cls, root: Node | Tree) -> Tree:
