@@ -235,6 +235,9 @@ class _Resolver:
         for r, rule in enumerate(rules):
             if rule.rows is not None:
                 self.row_selected[r] = self.selection(r, rule, labels[r])
+                for o in self.row_selected[r]:
+                    if o in self.selected_by:
+                        self.selected_by[o].add(r)
                 continue
             self.apply_rule(r, rule, labels[r])
             for o, selected in self.selected_by.items():

@@ -168,7 +168,9 @@ class Plan:
         if not carried:
             return ""
         through = [p for p in (self.paths[row], *self.aliases.get(row, ())) if p not in carried]
-        verb = "unfrozen" if self.trainable_after[row] else "frozen"
+        part = self.rows.get(row)
+        verb = ("unfrozen" if self.trainable_after[row] else
+                f"given trainable {self.state(row)}" if part is not None and part.after else "frozen")
         return (f"{self.paths[row]} is tied: {verb} by {self.describe(self.rules[row])} through "
                 f"{', '.join(through)}; also {verb}: {', '.join(carried)}")
 
@@ -277,17 +279,21 @@ class State:
     backend: str
     params: Mapping[str, bool]
     layers: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
+    rows: Mapping[str, list[int]] = field(default_factory=dict)  # tensors trainable in part: their rows
 
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "params": dict(self.params),
-                "layers": {k: dict(v) for k, v in self.layers.items()}}
+        out = {"backend": self.backend, "params": dict(self.params),
+               "layers": {k: dict(v) for k, v in self.layers.items()}}
+        if self.rows:
+            out["rows"] = {k: list(v) for k, v in self.rows.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> State:
-        if not isinstance(data, Mapping) or set(data) - {"backend", "params", "layers"}:
-            raise SpecError(f"a State dict has keys 'backend', 'params', 'layers'; received {data!r}")
+        if not isinstance(data, Mapping) or set(data) - {"backend", "params", "layers", "rows"}:
+            raise SpecError(f"a State dict has keys 'backend', 'params', 'layers' (and 'rows'); received {data!r}")
         params, layers = data.get("params", {}), data.get("layers", {})
         if not isinstance(data.get("backend"), str):
             raise SpecError(f"State 'backend' must be a string; received {data.get('backend')!r}")
@@ -296,7 +302,12 @@ class State:
         if not isinstance(layers, Mapping) or not all(
                 isinstance(v, Mapping) and all(isinstance(b, bool) for b in v.values()) for v in layers.values()):
             raise SpecError("State 'layers' must map layer paths to {flag: bool} mappings")
-        return cls(data["backend"], dict(params), {k: dict(v) for k, v in layers.items()})
+        rows = data.get("rows", {})
+        if not isinstance(rows, Mapping) or not all(
+                isinstance(v, list) and all(isinstance(i, int) for i in v) for v in rows.values()):
+            raise SpecError("State 'rows' must map parameter paths to lists of row indices")
+        return cls(data["backend"], dict(params), {k: dict(v) for k, v in layers.items()},
+                   {k: list(v) for k, v in rows.items()})
 
 
 @dataclass(frozen=True)

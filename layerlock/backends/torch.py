@@ -44,8 +44,9 @@ from torch import nn
 
 from ..errors import BackendError
 from ..results import Plan, State
-from ..tree import Tree
+from ..tree import RowAxis, Tree
 from . import torch_internals as internals
+from . import torch_rows
 from .distributed import check_ddp
 from .wrappers import peft_names, unwrap
 
@@ -83,6 +84,22 @@ def _numel(p: torch.Tensor) -> int:
     return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
+def row_axes(module: nn.Module) -> dict[str, int]:
+    """The parameters of ``module`` whose rows ``rows=`` decides, and the axis of those rows:
+    an embedding table's entries, a dense layer's output units (and their biases).
+
+    >>> row_axes(torch.nn.Linear(2, 3)), row_axes(torch.nn.LayerNorm(3))
+    ({'weight': 0, 'bias': 0}, {})
+    """
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return {"weight": 0}
+    if isinstance(module, nn.Linear):
+        return {"weight": 0, "bias": 0}
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return {"weight": 1, "bias": 0}  # GPT-2's dense layer keeps its weight as (in, out)
+    return {}
+
+
 class TorchBackend:
     """The PyTorch backend (``torch.nn.Module``)."""
 
@@ -110,6 +127,8 @@ class TorchBackend:
         norm_types = internals.norm_types()
         tensors: list[nn.Parameter] = []
         parameter = nn.Parameter
+        rows = tree.rows
+        row_types = (nn.Embedding, nn.EmbeddingBag, nn.Linear, *internals.conv1d_types())
 
         def build(path: str, module: nn.Module) -> None:
             i = len(layer_paths)
@@ -121,8 +140,14 @@ class TorchBackend:
             end.append(0)
             first.append(len(param_paths))
             prefix = path + "." if path else ""
+            axes = row_axes(module) if isinstance(module, row_types) else None
             for n, p in own_parameters(module).items():
                 if p is not None:
+                    if axes is not None:
+                        if torch_rows.is_rows(p):
+                            continue  # the trainable part of a table: decided through the table
+                        if n in axes and p.dim() > axes[n]:
+                            rows[len(param_paths)] = RowAxis(tuple(p.shape), axes[n], torch_rows.current(p))
                     param_paths.append(prefix + n)
                     numels.append(p.numel() if type(p) is parameter else _numel(p))
                     trainable.append(p.requires_grad)
@@ -154,11 +179,19 @@ class TorchBackend:
                                    "make the plan with ll.plan() on this very model")
             tensors = [by_path[path] for path in plan.paths]
         check_ddp(model, zip(plan.paths, plan.trainable_after), tree.kinds if tree is not None else None)
+        for k, part in plan.rows.items():  # a tensor trainable in part before: whole again first
+            if part.after != part.before and part.before is not None:
+                torch_rows.remove(tensors[k])
         for p, after in zip(tensors, plan.trainable_after):
             if p.requires_grad != after:
                 p.requires_grad_(after)
             if not after and p.grad is not None:
                 p.grad = None  # no stale gradient, momentum step or weight decay can move it
+        for k, part in plan.rows.items():  # then the tensors trainable in part after
+            if part.after is not None and part.after != part.before:
+                owner, _, name = plan.paths[k].rpartition(".")
+                module = root.get_submodule(owner)
+                torch_rows.install(root, module, name, part.after, row_axes(module)[name])
         for layer in sorted(plan.layers, key=lambda lp: lp.path.count(".")):  # parents first
             module = root.get_submodule(layer.path)
             if layer.held_after:
@@ -170,15 +203,23 @@ class TorchBackend:
 
     def read(self, model: nn.Module) -> State:
         root = unwrap(model)
+        params = [(n, p) for n, p in root.named_parameters() if not torch_rows.is_rows(p)]
         return State(
             self.name,
-            {n: p.requires_grad for n, p in root.named_parameters()},
-            {n: {"held": is_held(m), "training": m.training} for n, m in root.named_modules()})
+            {n: p.requires_grad for n, p in params},
+            {n: {"held": is_held(m), "training": m.training} for n, m in root.named_modules()},
+            {n: list(rows) for n, p in params if (rows := torch_rows.current(p)) is not None})
 
     def write(self, model: nn.Module, state: State) -> None:
         root = unwrap(model)
         check_ddp(model, state.params.items())
-        for n, p in root.named_parameters():
+        for n, p in [(n, p) for n, p in root.named_parameters() if not torch_rows.is_rows(p)]:
+            if torch_rows.current(p) != (tuple(state.rows[n]) if n in state.rows else None):
+                torch_rows.remove(p)
+                if n in state.rows:
+                    owner, _, name = n.rpartition(".")
+                    module = root.get_submodule(owner)
+                    torch_rows.install(root, module, name, state.rows[n], row_axes(module)[name])
             p.requires_grad_(state.params[n])
             if not state.params[n]:
                 p.grad = None
@@ -194,4 +235,7 @@ class TorchBackend:
 
     def weights(self, model: nn.Module) -> Iterator[tuple[str, bool, bytes]]:
         for n, p in unwrap(model).named_parameters():
+            if torch_rows.is_rows(p):
+                continue  # its values are the table's, written in by merge()
+            torch_rows.merge(p)
             yield n, p.requires_grad, bytes(p.detach().to("cpu", copy=True).contiguous().untyped_storage())

@@ -72,6 +72,15 @@ def readers(root: Any) -> tuple[Callable[[Any], dict[str, Any]], Callable[[Any],
     return operator.attrgetter("_parameters"), operator.attrgetter("_modules")
 
 
+def conv1d_types() -> tuple[type, ...]:
+    """Hugging Face's ``Conv1D`` (GPT-2's dense layer) where transformers is imported."""
+    import sys
+
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
 def norm_types() -> tuple[type, ...]:
     """The classes of the norm layers with running statistics (BatchNorm*, SyncBatchNorm,
     InstanceNorm*); the public classes if the shared base class is gone."""
