@@ -1,0 +1,136 @@
+"""``rows=`` in PyTorch: only the chosen rows of a table train, the others stay bit-identical
+under every optimizer, and checkpoints keep the plain model's keys (issue 21)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import layerlock as ll  # noqa: E402
+from torch import nn  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+}
+NEW = "90:"  # rows 90..99 of a 100-row table: the "new tokens"
+
+
+class Net(nn.Module):
+    def __init__(self, tied=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(100, 8), nn.Linear(8, 100)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+def train(model, optimizer, steps=3):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 100, (16, 6), generator=g), torch.randint(0, 100, (16,), generator=g)
+    x[:, 0] = torch.randint(90, 100, (16,), generator=g)  # every batch uses new tokens
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_frozen_rows_are_bit_identical_and_the_chosen_rows_train(name, tied):
+    model = Net(tied)
+    before = model.emb.weight.detach().clone()
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
+    train(model, OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad]))
+    after = model.state_dict()["emb.weight"]
+    assert torch.equal(after[:90], before[:90])
+    assert not torch.equal(after[90:], before[90:])
+
+
+def test_gradient_zeroing_by_hand_fails_the_same_test():
+    model = Net()
+    before = model.emb.weight.detach().clone()
+    ll.apply(model, ll.freeze().unfreeze("emb"))
+    keep = torch.zeros(100, 1)
+    keep[90:] = 1
+    model.emb.weight.register_hook(lambda g: g * keep)
+    train(model, OPTIMIZERS["adamw-foreach"]([model.emb.weight]))
+    assert not torch.equal(model.emb.weight[:90], before[:90])  # weight decay moved the "frozen" rows
+
+
+def test_optimizer_state_is_held_for_the_trainable_rows_only():
+    model = Net()
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
+    optimizer = OPTIMIZERS["adamw-foreach"]([p for p in model.parameters() if p.requires_grad])
+    train(model, optimizer, steps=1)
+    shapes = {tuple(s["exp_avg"].shape) for s in optimizer.state.values()}
+    assert shapes == {(10, 8)}
+
+
+def test_state_dict_keys_and_shapes_are_the_plain_models_and_load_into_it():
+    model, plain = Net(), Net()
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
+    train(model, OPTIMIZERS["adamw-fused"]([p for p in model.parameters() if p.requires_grad]))
+    state = model.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(state)  # strict
+    x = torch.randint(0, 100, (4, 6))
+    assert torch.equal(plain(x), model(x))
+    model.load_state_dict(Net().state_dict())  # a plain checkpoint loads back in, rows included
+    assert torch.equal(model(x), Net()(x))
+
+
+def test_restore_and_frozen_put_the_rows_back_exactly():
+    model = Net()
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
+    state = ll.snapshot(model)
+    with ll.frozen(model, ll.unfreeze()):
+        assert model.emb.weight.requires_grad and ll.plan(model, ll.Spec()).partial == ()
+    assert ll.plan(model, ll.Spec()).partial == ("emb.weight",)
+    ll.apply(model, ll.freeze())
+    ll.restore(model, state)
+    assert ll.plan(model, ll.Spec()).rows[0].after == tuple(range(90, 100))
+    assert ll.State.from_dict(state.to_dict()) == state
+
+
+def test_plan_and_summary_count_the_trainable_rows():
+    model = Net()
+    plan = ll.plan(model, ll.freeze().unfreeze("emb", rows=NEW))
+    assert plan.partial == ("emb.weight",) and plan.trainable_scalars == 80
+    assert "rows 90: of 100" in str(plan)
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
+    assert ll.summary(model).trainable_scalars == 80
+
+
+@pytest.mark.parametrize("spec, says", [(ll.unfreeze("emb", rows="100:"), "shape (100, 8)"),
+                                        (ll.freeze("head.bias").unfreeze("*.bias", rows=[200]), "out of range")])
+def test_rows_a_tensor_cannot_take_are_refused_and_nothing_changes(spec, says):
+    model = Net()
+    with pytest.raises(ll.SpecError, match="list of row indices") as exc:
+        ll.apply(model, spec)
+    assert says in str(exc.value)
+    assert all(p.requires_grad for p in model.parameters()) and ll.plan(model, ll.Spec()).partial == ()
+
+
+def test_a_tied_hugging_face_head_trains_the_same_new_rows_through_both_uses():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=90,
+                                                                 n_positions=16))
+    model.resize_token_embeddings(100)
+    before = model.transformer.wte.weight.detach().clone()
+    plan = ll.apply(model, ll.freeze().unfreeze("transformer.wte", "lm_head", rows="90:"))
+    assert [p.path for p in plan.params if p.aliases] == ["transformer.wte.weight"]  # the decision shows once
+    optimizer = OPTIMIZERS["adamw-fused"]([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, 90, (4, 8))  # old tokens only: the new rows learn through the tied head alone
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    after = model.state_dict()["transformer.wte.weight"]
+    assert torch.equal(after[:90], before[:90]) and not torch.equal(after[90:], before[90:])
+    assert model.lm_head.weight is model.transformer.wte.weight
