@@ -134,3 +134,33 @@ def test_a_tied_hugging_face_head_trains_the_same_new_rows_through_both_uses():
     after = model.state_dict()["transformer.wte.weight"]
     assert torch.equal(after[:90], before[:90]) and not torch.equal(after[90:], before[90:])
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_new_token_rows_train_in_the_trainer_and_reload_in_plain_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=90, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    model.resize_token_embeddings(100)  # 10 new tokens, tied to the output head
+    before = model.transformer.wte.weight.detach().clone()
+    ll.apply(model, ll.freeze().unfreeze("transformer.wte", rows="90:"))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=1, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, weight_decay=0.1, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=Data()).train()
+    model.save_pretrained(tmp_path / "saved")
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "saved")
+    table = plain.transformer.wte.weight.detach()
+    assert torch.equal(table[:90], before[:90]) and not torch.equal(table[90:], before[90:])
+    assert torch.equal(table, model.state_dict()["transformer.wte.weight"])
+    assert plain.lm_head.weight is plain.transformer.wte.weight  # still tied
