@@ -30,6 +30,7 @@ DOORS = {
         "_orig_mod", "_compiled_call_impl", "torch._dynamo", "_dynamo",  # torch.compile
         "_get_ddp_logging_data", "_comm_hooks",                       # DDP's reducer and its comm hooks
         "_last_lr",                                                   # LR schedulers (and lr_lambdas)
+        "_backward_hooks",                                            # a tensor's gradient hooks
     },
     BACKENDS / "hf_internals.py": {"_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks"},
     BACKENDS / "flax_internals.py": {"_pytree__nodes", "_pytree__"},  # definition order; flax's bookkeeping prefix

@@ -164,3 +164,17 @@ def test_new_token_rows_train_in_the_trainer_and_reload_in_plain_transformers(tm
     assert torch.equal(table[:90], before[:90]) and not torch.equal(table[90:], before[90:])
     assert torch.equal(table, model.state_dict()["transformer.wte.weight"])
     assert plain.lm_head.weight is plain.transformer.wte.weight  # still tied
+
+
+def test_check_names_a_hand_made_row_freeze_that_weight_decay_still_moves():
+    model = Net()
+    keep = torch.zeros(100, 1)
+    keep[90:] = 1
+    model.emb.weight.register_hook(lambda g: g * keep)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    found = [f for f in ll.check(model, optimizer).findings if f.kind == "hooked-row-freeze"]
+    assert len(found) == 1 and found[0].paths == ("emb.weight",) and found[0].scalars == 90 * 8
+    assert "zeroes 90 of the 100 rows" in found[0].problem and "0.001 of its value per step" in found[0].problem
+    assert "rows=" in found[0].fix
+    quiet = torch.optim.SGD(model.parameters(), lr=0.1)  # no decay, no momentum: the hook does hold them
+    assert not [f for f in ll.check(model, quiet).findings if f.kind == "hooked-row-freeze"]

@@ -72,6 +72,13 @@ def readers(root: Any) -> tuple[Callable[[Any], dict[str, Any]], Callable[[Any],
     return operator.attrgetter("_parameters"), operator.attrgetter("_modules")
 
 
+def grad_hooks(tensor: Any) -> list[Any]:
+    """The gradient hooks registered on ``tensor`` with ``register_hook`` (kept in its
+    ``_backward_hooks`` dict), in order; [] where it has none."""
+    hooks = getattr(tensor, "_backward_hooks", None)
+    return list(hooks.values()) if isinstance(hooks, dict) else []
+
+
 def conv1d_types() -> tuple[type, ...]:
     """Hugging Face's ``Conv1D`` (GPT-2's dense layer) where transformers is imported."""
     import sys

@@ -84,6 +84,7 @@ def _optimizer_findings(optimizer: Any, named: list[tuple[str, nn.Parameter]], s
             "if they stay frozen, drop it: `for p in frozen: optimizer.state.pop(p, None)`, or build the "
             "optimizer from the trainable parameters only (it is kept on purpose if you unfreeze them later)",
             tuple(n for n, _ in kept), bytes=size))
+    out += _hooked_row_findings(optimizer, by_id)
     base_lrs = getattr(scheduler, "base_lrs", None) if scheduler is not None else None
     if (isinstance(base_lrs, list) and len(base_lrs) < len(optimizer.param_groups)
             and type(scheduler).__name__ not in _SCALES_EVERY_GROUP):
@@ -95,6 +96,42 @@ def _optimizer_findings(optimizer: Any, named: list[tuple[str, nn.Parameter]], s
             "or its next step() raises (torch that zips per-group lists strictly)",
             "add groups with layerlock.torch.sync_optimizer(optimizer, model, scheduler=scheduler), or build "
             "the scheduler after the last group is added", tuple(map(str, extra))))
+    return out
+
+
+def _hooked_row_findings(optimizer: Any, by_id: dict[int, str]) -> list[Finding]:
+    """A gradient hook that zeroes rows (the hand-made row freeze: axolotl's ranges, the
+    textual-inversion scripts) does not keep those rows fixed under weight decay, nor once
+    momentum or Adam moments hold values for them. Found by running the hooks on a gradient
+    of ones and looking for rows that come back zero."""
+    out = []
+    for group in optimizer.param_groups:
+        decay, lr = float(group.get("weight_decay", 0) or 0), float(group.get("lr", 0) or 0)
+        for p in group["params"]:
+            hooks = internals.grad_hooks(p)
+            if not hooks or p.dim() < 1 or id(p) not in by_id:
+                continue
+            probe = torch.ones_like(p)
+            with torch.no_grad():
+                for hook in hooks:
+                    changed = hook(probe)
+                    probe = probe if changed is None else changed
+            zeroed = int((probe.reshape(p.shape[0], -1) == 0).all(dim=1).sum())
+            moving = bool(optimizer.state.get(p)) and any(
+                torch.is_tensor(v) and v.dim() and bool(v.reshape(p.shape[0], -1)[
+                    (probe.reshape(p.shape[0], -1) == 0).all(dim=1)].abs().sum()) for v in optimizer.state[p].values())
+            if not zeroed or not (decay or moving):
+                continue
+            why = [f"weight_decay={decay:g} at lr={lr:g} shrinks each of them by {lr * decay:.3g} of its value per "
+                   "step" if decay else "", "the optimizer's momentum / moments for them are not zero, so they keep "
+                   "stepping" if moving else ""]
+            out.append(Finding(
+                "hooked-row-freeze",
+                f"a gradient hook zeroes {zeroed} of the {p.shape[0]} rows of {by_id[id(p)]}, but the optimizer still "
+                f"moves those rows: {'; '.join(w for w in why if w)}",
+                "train only the other rows with layerlock: ll.apply(model, ll.freeze().unfreeze(path, rows=...)) "
+                "(the frozen rows stay bit-identical, the optimizer holds state for the trainable rows only)",
+                (by_id[id(p)],), scalars=p.numel() // p.shape[0] * zeroed))
     return out
 
 
