@@ -2,15 +2,15 @@
 
 The table stays the module's frozen Parameter (``requires_grad=False``, never a ``.grad``,
 so no optimizer, momentum or weight decay touches it). The trainable rows are a small
-Parameter registered next to it as ``<name>_rows`` (optimizer state for those rows only),
-and their indices a non-persistent buffer ``<name>_index`` (it moves with ``.to()``).
+Parameter registered next to it as ``<name>_layerlock_rows`` (optimizer state for those rows only),
+and their indices a non-persistent buffer ``<name>_layerlock_index`` (it moves with ``.to()``).
 
 While the model runs forward (the root and every module holding the table are hooked), each
 holder sees ``_Rows.apply(table, rows, index)`` in place of the Parameter: the same storage,
 with the rows written in just before, whose gradient goes to the rows only. Tied holders (an
 output head tied to the input table) share that one node, so both uses train the same rows.
 
-``state_dict()`` has the plain model's keys: ``<name>_rows`` is dropped and the table holds
+``state_dict()`` has the plain model's keys: ``<name>_layerlock_rows`` is dropped and the table holds
 the effective values; ``load_state_dict`` of a plain checkpoint fills the rows from it.
 
 >>> import torch
@@ -58,8 +58,9 @@ class _Installed:
         self.depth, self.saved, self.handles = 0, None, []  # saved: the Parameter while swapped
 
     def parts(self) -> tuple[nn.Parameter, nn.Parameter, torch.Tensor]:
-        table = internals.own_parameters(self.holders[0])
-        return table[self.name], table[self.name + "_rows"], self.holders[0].get_buffer(self.name + "_index")
+        holder = self.holders[0]
+        own = internals.own_parameters(holder)
+        return own[self.name], own[self.name + "_layerlock_rows"], holder.get_buffer(self.name + "_layerlock_index")
 
     def write(self) -> None:
         """Write the rows into the table, always (fused optimizers do not bump ``_version``)
@@ -68,12 +69,12 @@ class _Installed:
         weight.data.index_copy_(self.axis, index, rows.data.to(weight.dtype))
 
 
-INSTALLED = "_layerlock_rows"  # on a table with trainable rows: its _Installed
-ROWS = "_layerlock_is_rows"      # on a <name>_rows Parameter
+INSTALLED = "_layerlock_row_state"  # on a table with trainable rows: its _Installed
+ROWS = "_layerlock_is_rows"      # on a <name>_layerlock_rows Parameter
 
 
 def is_rows(p: Any) -> bool:
-    """True for a ``<name>_rows`` Parameter this module registered (not a model weight)."""
+    """True for a ``<name>_layerlock_rows`` Parameter this module registered (not a model weight)."""
     return getattr(p, ROWS, False) is True
 
 
@@ -82,7 +83,7 @@ def current(weight: Any) -> tuple[int, ...] | None:
     found = getattr(weight, INSTALLED, None)
     if found is None:
         return None
-    return tuple(found.holders[0].get_buffer(found.name + "_index").tolist())
+    return tuple(found.holders[0].get_buffer(found.name + "_layerlock_index").tolist())
 
 
 def install(root: nn.Module, module: nn.Module, name: str, rows: Sequence[int], axis: int) -> None:
@@ -99,8 +100,8 @@ def install(root: nn.Module, module: nn.Module, name: str, rows: Sequence[int], 
     found = _Installed(holders, name, axis)
     hook = functools.partial
     for m in holders:
-        m.register_parameter(name + "_rows", part)
-        m.register_buffer(name + "_index", index, persistent=False)
+        m.register_parameter(name + "_layerlock_rows", part)
+        m.register_buffer(name + "_layerlock_index", index, persistent=False)
         found.handles += [m.register_state_dict_pre_hook(hook(_before_save, found)),
                           m.register_state_dict_post_hook(hook(_after_save, found)),
                           m.register_load_state_dict_pre_hook(hook(_before_load, found))]
@@ -119,8 +120,8 @@ def remove(weight: nn.Parameter) -> None:
     for handle in found.handles:
         handle.remove()
     for m in found.holders:
-        delattr(m, found.name + "_rows")
-        delattr(m, found.name + "_index")
+        delattr(m, found.name + "_layerlock_rows")
+        delattr(m, found.name + "_layerlock_index")
 
 
 def merge(weight: Any) -> None:
@@ -158,11 +159,11 @@ def _before_save(found: _Installed, module: nn.Module, prefix: str, keep_vars: b
 
 def _after_save(found: _Installed, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                 local_metadata: Any) -> None:
-    state_dict.pop(prefix + found.name + "_rows", None)
+    state_dict.pop(prefix + found.name + "_layerlock_rows", None)
 
 
 def _before_load(found: _Installed, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     full = state_dict.get(prefix + found.name)
-    if full is not None and prefix + found.name + "_rows" not in state_dict:
-        index = module.get_buffer(found.name + "_index")
-        state_dict[prefix + found.name + "_rows"] = full.index_select(found.axis, index.to(full.device))
+    if full is not None and prefix + found.name + "_layerlock_rows" not in state_dict:
+        index = module.get_buffer(found.name + "_layerlock_index")
+        state_dict[prefix + found.name + "_layerlock_rows"] = full.index_select(found.axis, index.to(full.device))
