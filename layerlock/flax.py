@@ -19,6 +19,13 @@ Per-parameter rates mean what they mean in torch and Keras: :func:`param_groups`
 A phase's ``lr`` (``sync_optimizer(..., lr=)``, a Schedule's ``lr`` in :class:`FreezeScheduler`)
 is the rate of the parameters it adds; the others keep theirs and their moments.
 
+Some rows only (``ll.unfreeze("emb", rows="90:")``: an ``nnx.Embed``'s entries, an
+``nnx.Linear``'s output units): :data:`trainable` selects the table, and :func:`train_rows`
+wraps the optimizer's whole chain so that it moves those rows only and keeps state for them
+only; every other row stays bit-identical::
+
+    optimizer = nnx.Optimizer(model, layerlock.flax.train_rows(optax.adamw(1e-3), model), wrt=layerlock.flax.trainable)
+
 >>> import optax, layerlock as ll, layerlock.flax as llf
 >>> from flax import nnx
 >>> net = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
@@ -36,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -43,14 +51,16 @@ from flax.nnx.training.optimizer import to_opt_state
 
 from .backends.flax import TRAINABLE, NnxBackend, is_trainable, parameters, walk
 from .errors import SpecError
-from .jax import GroupedTransformation, RatesState, base_rates, scale_by_rates, set_multipliers
+from .jax import (GroupedTransformation, RatesState, RowTransformation, base_rates, scale_by_rates,
+                  set_multipliers)
 from .rate_table import check_rate, rates
 from .resolver import BnPolicy
-from .results import Plan
+from .results import Plan, row_text
 from .schedule import Phase, Schedule
 from .stepper import LoopScheduler, structure_digest
 
-__all__ = ["trainable", "is_trainable", "param_groups", "sync_optimizer", "FreezeScheduler", "NnxBackend"]
+__all__ = ["trainable", "is_trainable", "param_groups", "train_rows", "sync_optimizer", "FreezeScheduler",
+           "NnxBackend"]
 
 trainable = TRAINABLE
 
@@ -99,6 +109,47 @@ def param_groups(model: nnx.Module, lr: float, *, lr_mult: Mapping[str, float] |
              "params": [p for first in group["paths"] for p in paths_of[key_of[first]]]} for group in table.groups]
 
 
+def _model_rows(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each parameter trainable in part, under every path of it: ``(its rows, their axis)``."""
+    tree = walk(model).tree
+    return {tree.param_paths[o]: (info.trainable, info.axis) for o, info in tree.rows.items()
+            if info.trainable is not None}
+
+
+def train_rows(tx: optax.GradientTransformation, model: nnx.Module) -> RowTransformation:
+    """``tx`` (the WHOLE chain: ``optax.adamw``'s weight decay is inside it) made to move only
+    the trainable rows of ``model``'s parameters that a spec trains in part (``rows=``), with
+    optimizer state for those rows only; every other row gets an update of exactly ``-0.0``
+    and stays bit-identical. Other parameters go through ``tx`` whole. Build the optimizer with
+    it and ``wrt=layerlock.flax.trainable`` (which selects the tables trained in part). The
+    rows are read now; after an ``ll.apply`` that changes them,
+    :func:`sync_optimizer` builds it again over the new rows (keeping the state of the rows
+    that stay). See ``layerlock.jax.train_rows`` for the mechanism.
+
+    >>> import optax, layerlock as ll
+    >>> from flax import nnx
+    >>> emb = nnx.Embed(100, 8, rngs=nnx.Rngs(0))
+    >>> _ = ll.apply(emb, ll.freeze().unfreeze(rows="90:"))
+    >>> opt = nnx.Optimizer(emb, train_rows(optax.adam(1e-3), emb), wrt=trainable)
+    >>> opt.opt_state[0].mu["embedding"].shape
+    (10, 8)
+    """
+    if not isinstance(model, nnx.Module):
+        raise SpecError(f"layerlock.flax.train_rows(tx, model) takes an nnx.Module as model; received "
+                        f"{type(model).__name__}. For a pytree, use layerlock.jax.train_rows(tx, rows)")
+    if isinstance(tx, RowTransformation):
+        tx = tx.inner
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise SpecError(f"layerlock.flax.train_rows: tx must be an optax transformation such as optax.adamw(1e-3); "
+                        f"received {type(tx).__name__}")
+    # Every path of a shared table is listed; nnx.state names it under one of them.
+    return RowTransformation(tx, _model_rows(model), strict=False)
+
+
+def _inner(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    return tx.inner if isinstance(tx, RowTransformation) else tx
+
+
 def _multiplied(state: Any) -> set[str] | None:
     """The paths a state's ``scale_by_rates`` part has multipliers for; None without one."""
     found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, RatesState))
@@ -107,7 +158,10 @@ def _multiplied(state: Any) -> set[str] | None:
 
 
 def _with_rates(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` with ``scale_by_rates`` chained after it, still saying its rates if it did."""
+    """``tx`` with ``scale_by_rates`` chained after it, still saying its rates if it did (and
+    training the same rows: inside a :class:`RowTransformation`, so its state keeps its layout)."""
+    if isinstance(tx, RowTransformation):
+        return RowTransformation(_with_rates(tx.inner), tx.rows, tx.strict)
     chained = optax.chain(tx, scale_by_rates())
     if isinstance(tx, GroupedTransformation):
         return GroupedTransformation(chained.init, chained.update, tx.rates)
@@ -120,6 +174,16 @@ def _fit(optimizer: nnx.Optimizer[Any], model: nnx.Module, *, lr: float | None, 
     ``lr``, the added parameters' multipliers make them train at ``lr``. ``rated``: make
     the optimizer able to take a later ``lr`` (chain ``scale_by_rates``, check its rate is
     readable) even if nothing is added. Every refusal comes before anything changes."""
+    rows_now, tx_rows = _model_rows(model), _inner(optimizer.tx)
+    rows_before = optimizer.tx.rows if isinstance(optimizer.tx, RowTransformation) else {}
+    moved = rows_now != rows_before
+    if moved and not isinstance(optimizer.tx, RowTransformation):
+        parts = ", ".join(f"{p} ({row_text(r, np.shape(parameters(model)[p].get_value())[a])})"
+                          for p, (r, a) in list(rows_now.items())[:3])
+        raise SpecError(f"{owner}: the model now trains some rows only of {parts} (rows=), but this optimizer was "
+                        "not built with layerlock.flax.train_rows, so it would train the whole tensor. Build it as "
+                        "nnx.Optimizer(model, layerlock.flax.train_rows(tx, model), wrt=layerlock.flax.trainable). "
+                        "Nothing was changed.")
     params = nnx.state(model, optimizer.wrt)
     wanted = [keys for keys, _ in _leaves(params)]
     wanted_set, dotted = set(wanted), {".".join(keys) for keys in wanted}
@@ -134,17 +198,18 @@ def _fit(optimizer: nnx.Optimizer[Any], model: nnx.Module, *, lr: float | None, 
         np.ndim(var.get_value()) > 0 and not any(keys[i:] in wanted_set for i in range(len(keys)))
         for keys, var in old.items())
     wrap = (rated or (lr is not None and bool(added))) and multiplied is None
-    if not added and not dropped and not rated:
+    if not added and not dropped and not rated and not moved:
         return []
-    if isinstance(optimizer.tx, GroupedTransformation):
-        lost = sorted(p for p in new if p not in optimizer.tx.rates)
+    if isinstance(tx_rows, GroupedTransformation):
+        lost = sorted(p for p in new if p not in tx_rows.rates)
         if lost:
             raise SpecError(f"{owner}: {', '.join(lost[:5])} {'is' if len(lost) == 1 else 'are'} in no group of this "
                             "optimizer's layerlock.jax.multi_transform, which would never move "
                             f"{'it' if len(lost) == 1 else 'them'}. Build the groups with "
                             "layerlock.flax.param_groups(model, ...), which gives every parameter a group, frozen "
                             "ones included. Nothing was changed.")
-    tx = _with_rates(optimizer.tx) if wrap else optimizer.tx
+    tx = optimizer.tx.with_rows(rows_now) if moved else optimizer.tx  # type: ignore[attr-defined]
+    tx = _with_rates(tx) if wrap else tx
     raw = tx.init(params)
     if wrap and lr is not None and added and not any(
             keys[i:] in wanted_set for keys, _ in _leaves(raw[0]) for i in range(len(keys))):
@@ -163,18 +228,56 @@ def _fit(optimizer: nnx.Optimizer[Any], model: nnx.Module, *, lr: float | None, 
                             "Nothing was changed.") from None
         if lr is not None and added:
             raw = set_multipliers(raw, {path: lr / bases[path] for path in new})
-    if not added and not dropped and not wrap:
+    if not added and not dropped and not wrap and not moved:
         return []
     fresh = to_opt_state(raw)
     prefix = ("0",) if wrap else ()  # optax.chain's state is a tuple: the old state is its first part
+    shapes = {path: np.shape(var.get_value()) for path, var in parameters(model).items()}
     for keys, var in _leaves(fresh):
         kept = old.get(keys[len(prefix):]) if keys[:len(prefix)] == prefix else None
-        if kept is not None and np.shape(kept.get_value()) == np.shape(var.get_value()):
+        if kept is None:
+            continue
+        if np.shape(kept.get_value()) == np.shape(var.get_value()) and not _row_leaf(keys, rows_before, rows_now):
             var.set_value(kept.get_value())
-    if wrap:
+        elif (found := _row_leaf(keys, rows_before, rows_now)) is not None:
+            var.set_value(_carry_rows(kept.get_value(), var.get_value(), *found, rows_before, rows_now, shapes))
+    if wrap or moved:
         optimizer.tx = tx
     optimizer.opt_state = nnx.data(fresh)
     return added
+
+
+def _row_leaf(keys: tuple[str, ...], before: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The parameter path of a state leaf (``mu.emb.embedding`` -> ``emb.embedding``) and its
+    row axis, where that parameter's rows change; else None."""
+    for i in range(len(keys)):
+        path = ".".join(keys[i:])
+        if path in before or path in now:
+            if before.get(path) == now.get(path):
+                return None
+            return path, (now.get(path) or before[path])[1]
+    return None
+
+
+def _carry_rows(old: Any, fresh: Any, path: str, axis: int, before: Mapping[str, Any], now: Mapping[str, Any],
+                shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """``fresh`` (a state leaf for ``path``'s new rows) with the values ``old`` (the leaf for
+    its old rows) has for the rows in both: a row that stays keeps its moments."""
+    if np.ndim(old) <= axis or np.ndim(fresh) <= axis:  # not per row (a multiplier): kept as it is
+        return old if np.shape(old) == np.shape(fresh) else fresh
+    length = shapes[path][axis]
+    old_rows = before[path][0] if path in before else tuple(range(length))
+    new_rows = now[path][0] if path in now else tuple(range(length))
+    if np.ndim(old) != np.ndim(fresh) or np.shape(old)[axis] != len(old_rows) or \
+            np.shape(fresh)[axis] != len(new_rows):
+        return fresh
+    at_old = {r: i for i, r in enumerate(old_rows)}
+    pairs = [(j, at_old[r]) for j, r in enumerate(new_rows) if r in at_old]
+    if not pairs:
+        return fresh
+    to, frm = (np.asarray(x, np.int32) for x in zip(*pairs))
+    where = (slice(None),) * axis + (to,)
+    return jnp.asarray(fresh).at[where].set(jnp.take(jnp.asarray(old), frm, axis=axis))
 
 
 def sync_optimizer(optimizer: nnx.Optimizer[Any], model: nnx.Module, *, lr: float | None = None) -> list[str]:
@@ -183,6 +286,11 @@ def sync_optimizer(optimizer: nnx.Optimizer[Any], model: nnx.Module, *, lr: floa
     paths of the parameters it added. Call it after each ``ll.apply`` that changes the
     trainable set, before the next ``optimizer.update`` (which otherwise fails on a state
     of the old shape).
+
+    Rows (``rows=``): when an ``ll.apply`` changes which rows of a parameter train, an
+    optimizer built with :func:`train_rows` is built again over the new rows (a row that stays
+    keeps its moments); any other optimizer is refused with :class:`~layerlock.SpecError`
+    (it would train the whole tensor), before anything changes.
 
     With ``lr``, the added parameters train at ``lr`` and the others keep their rate: the
     first time, ``layerlock.jax.scale_by_rates()`` is chained after ``optimizer.tx`` (the

@@ -31,6 +31,13 @@ gives the groups of :func:`layerlock.rates` (``lr_mult``, ``layer_decay``, ``no_
 training without losing moments (a :class:`~layerlock.Schedule` phase's ``lr``) are per-leaf
 multipliers: :func:`scale_by_rates`, chained after the optimizer, with
 :func:`set_multipliers` and :func:`base_rates` to set them.
+
+Some rows of a leaf (``rows=``: a linen ``Embed_<n>``'s ``embedding`` entries, a linen
+``Dense_<n>``'s output units, an Equinox ``Embedding`` / ``Linear``'s rows): :func:`optimizer`
+trains only those rows, through :func:`train_rows`, which wraps a whole optax chain so that
+its state covers those rows only and the other rows stay bit-identical. A per-leaf mask
+cannot say rows, so :func:`trainable_mask`, :func:`frozen_mask` and :func:`partition` refuse
+such a spec.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from .spec import Spec
 
 __all__ = ["trainable_mask", "frozen_mask", "partition", "combine", "optimizer", "carry_state", "plan", "check",
            "param_groups", "multi_transform", "GroupedTransformation", "scale_by_rates", "RatesState",
-           "set_multipliers", "base_rates"]
+           "set_multipliers", "base_rates", "train_rows", "RowTransformation"]
 
 def plan(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow",
          frozen_mode: str | None = None) -> Plan:
@@ -110,7 +117,13 @@ def trainable_mask(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy =
     >>> trainable_mask([jnp.ones(2), jnp.ones(3)], ll.freeze("0"))
     [False, True]
     """
-    decided = _decisions(tree, spec, strict, bn)
+    result = plan(tree, spec, strict=strict, bn=bn)
+    if result.partial:
+        raise SpecError(f"this spec trains some rows only of {', '.join(result.partial[:3])} (rows=), which a "
+                        "per-leaf mask cannot say: trainable_mask, frozen_mask and partition would train or freeze "
+                        "the whole leaf. Use layerlock.jax.optimizer(tx, tree, spec), which trains those rows only, "
+                        "or layerlock.jax.train_rows(tx, {path: (rows, axis)})")
+    decided = dict(zip(result.paths, result.trainable_after))
     return jax.tree_util.tree_map_with_path(lambda k, x: decided.get(pytree.path_of(k), False), tree)
 
 
@@ -172,7 +185,9 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
     """``tx`` for the trainable leaves and a zero update for the frozen ones, so frozen
     leaves stay bit-identical (weight decay included) and get no optimizer state (no Adam
     moments). Init it with the same pytree, or its array part (``eqx.filter(model,
-    eqx.is_array)``); leaves are matched by path.
+    eqx.is_array)``); leaves are matched by path. A leaf the spec trains in some rows only
+    (``rows=``) goes through :func:`train_rows`: ``tx`` sees and keeps state for those rows,
+    the others stay bit-identical.
 
     >>> import jax.numpy as jnp, optax, layerlock as ll
     >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
@@ -180,8 +195,19 @@ def optimizer(tx: optax.GradientTransformation, tree: Any, spec: Spec, *,
     >>> updates, _ = tx.update(params, tx.init(params), params)
     >>> updates["a"].tolist()   # -0.0: adding it leaves every value bit-identical
     [-0.0, -0.0, -0.0]
+    >>> linen = {"Embed_0": {"embedding": jnp.ones((4, 2))}}
+    >>> tx = optimizer(optax.sgd(0.5), linen, ll.freeze().unfreeze("Embed_0", rows="2:"))
+    >>> tx.update(linen, tx.init(linen), linen)[0]["Embed_0"]["embedding"][:, 0].tolist()
+    [-0.0, -0.0, -0.5, -0.5]
     """
-    decided = _decisions(tree, spec, strict, bn)
+    result = plan(tree, spec, strict=strict, bn=bn)
+    layout = pytree.tree(tree)
+    decided = dict(zip(result.paths, result.trainable_after))
+    parts = {result.paths[k]: (part.after, layout.rows[k].axis) for k, part in result.rows.items()
+             if part.after is not None}
+    decided.update(dict.fromkeys(parts, True))
+    if parts:
+        tx = train_rows(tx, parts)
 
     def labels(params: Any) -> Any:
         def label(keys: tuple[Any, ...], _: Any) -> str:
@@ -487,6 +513,8 @@ def base_rates(tx: optax.GradientTransformation, params: Any, *, state: Any = No
     >>> base_rates(optax.inject_hyperparams(optax.adam)(learning_rate=0.5), {"w": jnp.ones(2)})
     {'w': 0.5}
     """
+    if isinstance(tx, RowTransformation):  # its state is its inner chain's, for fewer rows: same rates
+        return base_rates(tx.inner, params, state=state)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if isinstance(tx, GroupedTransformation):
         found_in = ((keys, _lookup(keys, tx.rates)) for keys, _ in flat)
@@ -507,3 +535,160 @@ def base_rates(tx: optax.GradientTransformation, params: Any, *, state: Any = No
                         "optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), "
                         "optax.scale_by_schedule(warmup))")
     return dict.fromkeys((_leaf_path(keys) for keys, _ in flat), base)
+
+
+# Some rows of a leaf.
+
+
+def _row_index(path: str, value: Any, who: str) -> tuple[tuple[int, ...], int]:
+    """``(indices, axis)`` of one :func:`train_rows` entry, checked: non-negative ints, sorted
+    and unique (range is checked against the leaf's shape at init)."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise SpecError(f"{who}: rows[{path!r}] must be (row indices, axis), such as ([3, 7], 0) or "
+                        f"(range(90, 100), 0); received {value!r:.80}")
+    index, axis = value
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis < 0:
+        raise SpecError(f"{who}: rows[{path!r}]: the axis must be an int >= 0 (0: an embedding table's entries, "
+                        f"1: a linen Dense kernel's output units); received {axis!r}")
+    try:
+        items = np.asarray(list(index))
+    except TypeError:
+        items = np.asarray(index)
+    if items.ndim != 1 or items.size == 0 or not (np.issubdtype(items.dtype, np.integer)
+                                                  and not np.issubdtype(items.dtype, np.bool_)):
+        raise SpecError(f"{who}: rows[{path!r}]: the row indices must be a non-empty 1-D list of ints; "
+                        f"received {index!r:.80}")
+    if items.min() < 0:
+        raise SpecError(f"{who}: rows[{path!r}]: row indices must be >= 0; received {int(items.min())}")
+    return tuple(int(i) for i in sorted(set(items.tolist()))), int(axis)
+
+
+class RowTransformation(optax.GradientTransformationExtraArgs):
+    """An optax transformation that trains some rows of some leaves only (:func:`train_rows`
+    makes one): ``inner`` is the wrapped chain, ``rows`` each such leaf's path and
+    ``(sorted row indices, axis)``. Its state is ``inner``'s state for the gathered rows.
+
+    >>> t = train_rows(optax.sgd(0.1), {"emb": ([2, 1], 0)})
+    >>> t.rows, isinstance(t, optax.GradientTransformation)
+    ({'emb': ((1, 2), 0)}, True)
+    """
+
+    inner: optax.GradientTransformation
+    rows: dict[str, tuple[tuple[int, ...], int]]
+    strict: bool
+
+    def __new__(cls, inner: optax.GradientTransformation, rows: Mapping[str, tuple[tuple[int, ...], int]],
+                strict: bool = True) -> RowTransformation:
+        table = dict(rows)
+
+        def init(params: Any) -> Any:
+            return inner.init(_gather(params, table, strict))
+
+        def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+            small, state = _update(inner, _gather(updates, table), state,
+                                   None if params is None else _gather(params, table), **extra)
+            return _expand(small, updates, table), state
+
+        self = super().__new__(cls, init, update)
+        self.inner, self.rows, self.strict = inner, table, strict  # attributes: the tuple stays (init, update)
+        return self
+
+    def with_rows(self, rows: Mapping[str, tuple[tuple[int, ...], int]]) -> RowTransformation:
+        """The same inner chain over other rows (its state must be made again: ``init``)."""
+        return RowTransformation(self.inner, rows, self.strict)
+
+
+def _update(tx: optax.GradientTransformation, updates: Any, state: Any, params: Any, **extra: Any) -> tuple[Any, Any]:
+    if extra and isinstance(tx, optax.GradientTransformationExtraArgs):
+        return tx.update(updates, state, params, **extra)
+    return tx.update(updates, state, params)
+
+
+def _leaf_rows(keys: tuple[Any, ...], x: Any, table: Mapping[str, tuple[tuple[int, ...], int]]
+               ) -> tuple[str, tuple[int, ...], int] | None:
+    path = _lookup(keys, table)
+    if path is None:
+        return None
+    index, axis = table[path]
+    shape = np.shape(x)
+    if axis >= len(shape) or index[-1] >= shape[axis]:
+        where = (f"axis {axis} of shape {shape}" if axis < len(shape)
+                 else f"a leaf of shape {shape}, without axis {axis}")
+        raise SpecError(f"train_rows: rows[{path!r}] names row {index[-1]} on {where}: it was built for another "
+                        "tree, or the axis is wrong (0: an embedding's entries; 1: a linen Dense kernel's output "
+                        "units)")
+    return path, index, axis
+
+
+def _gather(tree: Any, table: Mapping[str, tuple[tuple[int, ...], int]], strict: bool = False) -> Any:
+    """``tree`` with each leaf that ``table`` names cut to its rows."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out, seen = [], set()
+    for keys, x in flat:
+        found = _leaf_rows(keys, x, table) if x is not None else None
+        if found is None:
+            out.append(x)
+            continue
+        path, index, axis = found
+        seen.add(path)
+        out.append(jnp.take(x, np.asarray(index, np.int32), axis=axis))
+    if strict and set(table) - seen:
+        leaves = [_leaf_path(keys) for keys, _ in flat]
+        raise SpecError(f"train_rows: no leaf of this tree has the path {', '.join(sorted(set(table) - seen)[:4])}; "
+                        f"its leaves: {', '.join(leaves[:6])}{', ...' if len(leaves) > 6 else ''}")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _expand(small: Any, like: Any, table: Mapping[str, tuple[tuple[int, ...], int]]) -> Any:
+    """The updates of the gathered rows at full shape, -0.0 in every other row. A gather
+    from ``[updates; -0.0]`` with an inverse index, not a scatter into zeros: XLA fuses the
+    gather into ``apply_updates``, and the scatter was 2-4x slower with donated buffers.
+    -0.0, not 0.0: ``p + -0.0`` is ``p`` bit for bit for every ``p``, ``-0.0`` included."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    small_leaves = treedef.flatten_up_to(small)  # type: ignore[attr-defined]
+    out = []
+    for (keys, g), u in zip(flat, small_leaves):
+        found = _leaf_rows(keys, g, table) if g is not None and u is not None else None
+        if found is None:
+            out.append(u)
+            continue
+        _, index, axis = found
+        inverse = np.full(g.shape[axis], len(index), dtype=np.int32)
+        inverse[list(index)] = np.arange(len(index), dtype=np.int32)
+        pad = list(np.shape(u))
+        pad[axis] = 1
+        padded = jnp.concatenate([u.astype(g.dtype), jnp.full(pad, -0.0, g.dtype)], axis=axis)
+        out.append(jnp.take(padded, inverse, axis=axis))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def train_rows(tx: optax.GradientTransformation,
+               rows: Mapping[str, tuple[Sequence[int], int]]) -> RowTransformation:
+    """``tx`` run on some rows only of the leaves ``rows`` names (leaf path -> ``(row
+    indices, axis)``): their gradients and values are cut to those rows before ``tx``, so
+    its state (momentum, Adam moments) holds those rows only, and its updates come back at
+    full shape with exactly ``-0.0`` in every other row, which ``optax.apply_updates``
+    leaves bit-identical. Wrap the WHOLE chain (``optax.adamw``'s weight decay is inside it:
+    zeroing the frozen rows' gradients before it would still decay them). Other leaves go
+    through ``tx`` whole. Paths are :func:`plan`'s (``Embed_0.embedding``); the axis is 0 for
+    an embedding's entries and 1 for a linen Dense kernel's output units (its columns).
+    Indices are concrete (shapes are static under ``jax.jit``). :func:`optimizer` builds this
+    from a spec's ``rows=``; ``layerlock.flax.train_rows`` from an NNX model.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"emb": jnp.ones((4, 2)), "b": jnp.ones(2)}
+    >>> tx = train_rows(optax.adamw(0.1, weight_decay=0.5), {"emb": ([3], 0)})
+    >>> state = tx.init(params)
+    >>> state[0].mu["emb"].shape            # moments for row 3 only
+    (1, 2)
+    >>> updates, _ = tx.update(params, state, params)
+    >>> [round(u, 3) for u in updates["emb"][:, 0].tolist()]   # adam's step and the decay, row 3 only
+    [-0.0, -0.0, -0.0, -0.15]
+    """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise SpecError(f"train_rows: tx must be an optax transformation such as optax.adamw(1e-3); "
+                        f"received {type(tx).__name__}")
+    if not isinstance(rows, Mapping) or not all(isinstance(p, str) for p in rows):
+        raise SpecError(f"train_rows: rows must map leaf paths to (row indices, axis), such as "
+                        f"{{'Embed_0.embedding': (range(90, 100), 0)}}; received {type(rows).__name__}")
+    return RowTransformation(tx, {p: _row_index(p, v, "train_rows") for p, v in rows.items()})

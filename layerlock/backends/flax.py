@@ -13,6 +13,12 @@ The trainable flag: a frozen ``nnx.Param`` carries the metadata ``layerlock_froz
 after an ``apply`` retraces with the new set. :data:`TRAINABLE` is the nnx filter that
 selects exactly the trainable parameters (``layerlock.flax.trainable``).
 
+Rows (``rows=``): a parameter trainable in some rows only (an ``nnx.Embed``'s entries, an
+``nnx.Linear``'s output units: the kernel's columns and the bias's entries) is frozen as a
+whole (``layerlock_frozen=True``) and carries its trainable rows as the metadata
+``layerlock_rows`` (a tuple of row indices). :data:`TRAINABLE` selects it too, so the
+gradient covers it; ``layerlock.flax.train_rows`` makes the optimizer move those rows only.
+
 The hold: a held layer carries the attribute ``_layerlock_held = True``; every ``BatchNorm``
 and ``Dropout`` under a held layer is set to ``use_running_average=True`` /
 ``deterministic=True`` and remembers its own previous value in ``_layerlock_mode``, which
@@ -38,12 +44,13 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from ..errors import BackendError
+from ..errors import BackendError, SpecError
 from ..results import Plan, State
-from ..tree import Tree, Walk, build
+from ..tree import RowAxis, Tree, Walk, build
 from .flax_internals import attributes, install_mode_hold
 
 FROZEN = "layerlock_frozen"   # Variable metadata key: True on a frozen nnx.Param
+ROWS = "layerlock_rows"       # Variable metadata key: the trainable rows of a param trainable in part
 HOLD = "_layerlock_held"      # module attribute: layerlock holds this subtree in inference mode
 MODE = "_layerlock_mode"      # module attribute: ((flag, value before the hold), ...)
 MODE_FLAGS = ("use_running_average", "deterministic")  # what nnx's train()/eval() switch
@@ -54,9 +61,53 @@ def is_trainable(variable: Any) -> bool:
     return isinstance(variable, nnx.Param) and not variable.get_metadata().get(FROZEN, False)
 
 
+def trained_rows(variable: Any) -> tuple[int, ...] | None:
+    """The trainable rows of an ``nnx.Param`` trainable in part (``rows=``), else None."""
+    if not isinstance(variable, nnx.Param):
+        return None
+    rows = variable.get_metadata().get(ROWS)
+    return None if rows is None else tuple(rows)
+
+
+def trains(variable: Any) -> bool:
+    """True for an ``nnx.Param`` that trains at all: trainable, or trainable in some rows."""
+    return is_trainable(variable) or trained_rows(variable) is not None
+
+
 def TRAINABLE(path: tuple[Any, ...], value: Any) -> bool:  # noqa: N802 - an nnx filter, used like nnx.Param
-    """nnx filter: the trainable parameters (``nnx.Optimizer(model, tx, wrt=TRAINABLE)``)."""
-    return is_trainable(value)
+    """nnx filter: the parameters that train, in part (``rows=``) included
+    (``nnx.Optimizer(model, tx, wrt=TRAINABLE)``)."""
+    return trains(value)
+
+
+def row_axes(module: Any) -> dict[str, int]:
+    """The parameters of ``module`` whose rows ``rows=`` decides, and the axis of those rows:
+    an ``nnx.Embed``'s entries, an ``nnx.Linear``'s output units (its kernel is (in, out)).
+
+    >>> from flax import nnx
+    >>> row_axes(nnx.Linear(2, 3, rngs=nnx.Rngs(0))), row_axes(nnx.Embed(4, 2, rngs=nnx.Rngs(0)))
+    ({'kernel': 1, 'bias': 0}, {'embedding': 0})
+    """
+    if isinstance(module, nnx.Embed):
+        return {"embedding": 0}
+    if isinstance(module, nnx.Linear):
+        return {"kernel": 1, "bias": 0}
+    return {}
+
+
+def _fill_rows(w: Walk) -> None:
+    """Fill ``w.tree.rows`` for the parameters whose rows a spec can decide."""
+    tree = w.tree
+    for i, layer in enumerate(w.layers):
+        axes = row_axes(layer)
+        if not axes:
+            continue
+        prefix = tree.layer_paths[i] + "." if tree.layer_paths[i] else ""
+        for o in range(tree.first[i], tree.first[i + 1]):
+            axis = axes.get(tree.param_paths[o][len(prefix):])
+            shape = tuple(np.shape(w.tensors[o].get_value()))
+            if axis is not None and len(shape) > axis:
+                tree.rows[o] = RowAxis(shape, axis, trained_rows(w.tensors[o]))
 
 
 def _items(node: Any) -> list[tuple[str, Any]] | None:
@@ -107,7 +158,9 @@ def walk(model: nnx.Module) -> Walk:
         return [(k, v, int(np.prod(v.get_value().shape)), is_trainable(v))
                 for k, v in _items(node) or () if isinstance(v, nnx.Param)]
 
-    return build(model, children, params, _describe)
+    w = build(model, children, params, _describe)
+    _fill_rows(w)
+    return w
 
 
 def parameters(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -169,10 +222,14 @@ class NnxBackend:
                                "make the plan with ll.plan() on this very model")
         if any(x.held_after for x in plan.layers):
             install_mode_hold(MODE)  # checks flax's layout before anything changes
-        for path, after in zip(plan.paths, plan.trainable_after):
+        for k, (path, after) in enumerate(zip(plan.paths, plan.trainable_after)):
             var = params[path]
             if is_trainable(var) != after:
                 var.set_metadata(**{FROZEN: not after})
+            part = plan.rows.get(k)
+            rows = None if part is None else part.after
+            if trained_rows(var) != rows:
+                var.set_metadata(**{ROWS: rows})
         if plan.layers:
             for layer in plan.layers:
                 node = layers[layer.path]
@@ -190,16 +247,29 @@ class NnxBackend:
             flags.update({f: getattr(node, f) for f in _modes(node)})
             flags.update({f"before_hold.{f}": v for f, v in getattr(node, MODE, ())})
             layers[path] = flags
-        return State(self.name, {p: is_trainable(v) for p, v in zip(w.tree.param_paths, w.tensors)}, layers)
+        pairs = list(zip(w.tree.param_paths, w.tensors))
+        return State(self.name, {p: is_trainable(v) for p, v in pairs}, layers,
+                     {p: list(rows) for p, v in pairs if (rows := trained_rows(v)) is not None})
 
     def write(self, model: nnx.Module, state: State) -> None:
         w = walk(model)
         nodes = list(zip(w.tree.layer_paths, w.layers))
+        axes = {w.tree.param_paths[o]: info for o, info in w.tree.rows.items()}
+        for path, given in state.rows.items():  # refused before anything changes
+            info = axes.get(path)
+            if info is None or not given or not all(0 <= i < info.length for i in given):
+                raise SpecError(f"this State gives {path} the trainable rows {given[:5]}, but "
+                                + ("it has no rows a spec can decide" if info is None else
+                                   f"it has {info.length} rows on axis {info.axis}")
+                                + ": take the State with ll.snapshot() on this model")
         if any(state.layers.get(path, {}).get("held") for path, _ in nodes):
             install_mode_hold(MODE)  # checks flax's layout before anything changes
         for path, var in zip(w.tree.param_paths, w.tensors):
             if is_trainable(var) != state.params[path]:
                 var.set_metadata(**{FROZEN: not state.params[path]})
+            wanted = tuple(state.rows[path]) if path in state.rows else None
+            if trained_rows(var) != wanted:
+                var.set_metadata(**{ROWS: wanted})
         for path, node in nodes:
             flags = state.layers.get(path)
             if flags is None:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from ..errors import BackendError
-from ..tree import Tree, build
+from ..tree import RowAxis, Tree, Walk, build
 
 __all__ = ["tree", "path_of", "is_array"]
 
@@ -125,7 +125,37 @@ def tree(pytree: Any) -> Tree:
     walk = build(_Entry("", "", pytree), _children, _params, _describe, key=lambda _: next(counter))
     if not walk.tree.param_paths:
         raise BackendError(f"this {type(pytree).__name__} holds no arrays; layerlock.jax takes {_ACCEPTED}")
+    _fill_rows(walk)
     return walk.tree
+
+
+def row_axes(kind: str, module: bool) -> dict[str, int]:
+    """The leaves of a layer of ``kind`` whose rows ``rows=`` decides, and their row axis: a
+    Flax linen ``Embed_<n>`` dict's ``embedding`` (entries), a linen ``Dense_<n>`` dict's
+    ``kernel`` (in, out: its output units are the columns) and ``bias``; an Equinox
+    ``Embedding``'s ``weight``, an Equinox ``Linear``'s ``weight`` (out, in) and ``bias``.
+    ``module``: the layer is an Equinox module (not a dict).
+
+    >>> row_axes("Dense", module=False), row_axes("Linear", module=True), row_axes("Linear", module=False)
+    ({'kernel': 1, 'bias': 0}, {'weight': 0, 'bias': 0}, {})
+    """
+    if module:
+        return {"Embedding": {"weight": 0}, "Linear": {"weight": 0, "bias": 0}}.get(kind, {})
+    return {"Embed": {"embedding": 0}, "Dense": {"kernel": 1, "bias": 0}}.get(kind, {})
+
+
+def _fill_rows(walk: Walk) -> None:
+    tree = walk.tree
+    for i, entry in enumerate(walk.layers):
+        axes = row_axes(tree.kinds[i], _is_module(entry.node))
+        if not axes:
+            continue
+        prefix = entry.path + "." if entry.path else ""
+        for o in range(tree.first[i], tree.first[i + 1]):
+            axis = axes.get(tree.param_paths[o][len(prefix):])
+            shape = tuple(walk.tensors[o].shape)
+            if axis is not None and len(shape) > axis and shape[axis] > 0:
+                tree.rows[o] = RowAxis(shape, axis)
 
 
 def path_of(keys: tuple[Any, ...]) -> str:

@@ -1,6 +1,7 @@
 """``ll.check`` for Flax NNX: an ``nnx.Optimizer`` whose ``wrt`` selects frozen parameters
 (it updates them), optimizer state held for frozen parameters, trainable parameters the
-optimizer does not track, and frozen BatchNorm layers whose statistics still move.
+optimizer does not track, parameters trainable in some rows only (``rows=``) that the optimizer
+would train whole, and frozen BatchNorm layers whose statistics still move.
 
 Which parameters the optimizer tracks is read off its state: each state leaf belongs to
 the parameter whose path its own path ends with (``0.mu.backbone.kernel`` to
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ..backends.flax import MODE, is_trainable, parameters, walk
+from ..backends.flax import MODE, parameters, trained_rows, trains, walk
 from ..backends.pytree import path_of
 from ..results import Finding
 
@@ -111,7 +112,7 @@ def _optimizer_findings(model: nnx.Module, optimizer: nnx.Optimizer[Any]) -> lis
     def rows(ids: list[int]) -> tuple[tuple[str, ...], int]:
         return tuple(params[i][0] for i in ids), sum(int(np.prod(np.shape(params[i][1].get_value()))) for i in ids)
 
-    frozen = [i for i, (_, var) in params.items() if not is_trainable(var)]
+    frozen = [i for i, (_, var) in params.items() if not trains(var)]
     updated = [i for i in frozen if i in selected]
     if updated:
         paths, scalars = rows(updated)
@@ -135,7 +136,7 @@ def _optimizer_findings(model: nnx.Module, optimizer: nnx.Optimizer[Any]) -> lis
             "ll.apply drops it (and keeps the state of what stays trainable); or build the optimizer after "
             "the last ll.apply",
             rows(kept)[0], bytes=sum(_nbytes(leaf) for i in kept for leaf in held[i])))
-    trainable = [i for i, (_, var) in params.items() if is_trainable(var)]
+    trainable = [i for i, (_, var) in params.items() if trains(var)]
     unselected = [i for i in trainable if i not in selected]
     stateless = [i for i in trainable if i in selected and wanted is not None and i in wanted and not held.get(i)]
     if unselected or stateless:
@@ -149,7 +150,29 @@ def _optimizer_findings(model: nnx.Module, optimizer: nnx.Optimizer[Any]) -> lis
             "built with; unfreezing later does not add them): " + " and ".join(effects),
             "after ll.apply, call layerlock.flax.sync_optimizer(optimizer, model), with the optimizer built "
             f"with {_TRAINABLE_FIX}", paths, scalars=scalars))
+    out += _row_findings(params, selected, optimizer)
     return out
+
+
+def _row_findings(params: dict[int, tuple[str, Any]], selected: set[int], optimizer: Any) -> list[Finding]:
+    """Parameters trainable in some rows only (``rows=``) that the optimizer would train
+    whole: it was not built with ``layerlock.flax.train_rows``, or over other rows."""
+    from ..jax import RowTransformation  # imports optax, as an nnx.Optimizer has already
+
+    told = optimizer.tx.rows if isinstance(optimizer.tx, RowTransformation) else {}
+    whole = [i for i, (path, var) in params.items() if i in selected and (rows := trained_rows(var)) is not None
+             and (told.get(path) or (None,))[0] != rows]
+    if not whole:
+        return []
+    paths = tuple(params[i][0] for i in whole)
+    return [Finding(
+        "rows-trained-whole",
+        f"{len(paths)} parameters train in some rows only (rows=), but the optimizer "
+        + ("was not built with layerlock.flax.train_rows, so it trains them whole" if not told else
+           "was built over other rows (layerlock.flax.sync_optimizer was not called after ll.apply)"),
+        "build it as nnx.Optimizer(model, layerlock.flax.train_rows(tx, model), wrt=layerlock.flax.trainable), and "
+        "call layerlock.flax.sync_optimizer(optimizer, model) after each ll.apply",
+        paths, scalars=sum(int(np.prod(np.shape(params[i][1].get_value()))) for i in whole))]
 
 
 def _norm_findings(model: nnx.Module) -> list[Finding]:
