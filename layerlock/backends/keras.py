@@ -11,6 +11,14 @@ Translation table (Keras 3 on TensorFlow, torch and JAX):
   ``trainable = False`` (BatchNorm beneath stops updating its statistics). Keras has no
   per-layer inference switch, so the Dropout layers in a held subtree get ``rate = 0``
   (the rate is kept in ``_layerlock_rate`` and put back on release).
+- some rows trainable (``rows=``: an ``Embedding``'s entries, a ``Dense`` layer's output
+  units, :func:`row_axes`) -> the variable stays ``trainable`` (the optimizer holds it) and
+  carries its rows (``_layerlock_rows``); every Keras 3 optimizer's ``apply`` is wrapped
+  (once, at the first such variable, :func:`.keras_internals.install_row_apply`) to zero the
+  frozen rows' gradients and put the frozen rows back after the stock step, so they stay
+  bit-identical under any optimizer, weight decay included. Nothing is saved differently:
+  ``model.save`` writes the plain model, which loads without layerlock (the rows are not
+  saved; apply the spec again after loading).
 - compiled model -> the optimizer tracks exactly ``model.trainable_variables`` (slots of
   variables that stay trainable kept, new ones created, frozen ones parked on the side,
   see :func:`.keras_internals.sync_variables`) and the cached train/test/predict
@@ -46,7 +54,7 @@ from typing import Any
 
 from ..errors import BackendError, SpecError
 from ..results import Plan, State
-from ..tree import Tree, Walk, build
+from ..tree import RowAxis, Tree, Walk, build
 from . import keras_internals as internals
 
 HOLD = "_layerlock_held"
@@ -58,6 +66,29 @@ def short_name(variable: Any) -> str:
     """A variable's name without scopes: Keras 3 names are already short; tf.Variable names
     carry scopes and ``:0``."""
     return str(variable.name).rpartition("/")[2].partition(":")[0]
+
+
+def row_axes(layer: Any) -> dict[str, int]:
+    """The variables of a Keras 3 ``layer`` whose rows ``rows=`` decides, and the axis of those
+    rows: an ``Embedding``'s entries (``embeddings``, axis 0), a ``Dense`` layer's output units
+    (``kernel`` is (in, out): axis 1; ``bias``: axis 0). Quantized layers have none.
+
+    >>> import keras
+    >>> row_axes(keras.layers.Dense(3)), row_axes(keras.layers.Embedding(10, 2))
+    ({'kernel': 1, 'bias': 0}, {'embeddings': 0})
+    >>> row_axes(keras.layers.LayerNormalization())
+    {}
+    """
+    import sys
+
+    layers = sys.modules["keras"].layers
+    if getattr(layer, "quantization_mode", None):
+        return {}
+    if isinstance(layer, layers.Embedding):
+        return {"embeddings": 0}
+    if isinstance(layer, layers.Dense):
+        return {"kernel": 1, "bias": 0}
+    return {}
 
 
 def _numel(variable: Any) -> int:
@@ -83,6 +114,7 @@ class KerasBackend:
     name = "keras"
     module = "keras"
     param_level = True
+    rows = True  # rows= can decide an Embedding's entries and a Dense layer's output units
 
     def __init__(self) -> None:
         self._last: tuple[weakref.ref[Any], Walk] | None = None  # the walk of the last tree(), for apply()
@@ -139,9 +171,19 @@ class KerasBackend:
             raise BackendError(f"the plan names parameters this model lacks ({', '.join(missing[:5])}); "
                                "make the plan with ll.plan() on this very model")
         after = {id(variables[path]): a for path, a in zip(plan.paths, plan.trainable_after)}
+        axes = {id(walk.tensors[o]): info for o, info in walk.tree.rows.items()}
+        rows: dict[Hashable, tuple[int, ...] | None] = {}
+        for k, part in plan.rows.items():
+            variable = variables[plan.paths[k]]
+            if part.after is not None:
+                if id(variable) not in axes:
+                    raise BackendError(f"the plan gives {plan.paths[k]} trainable rows, and this model's variable "
+                                       "there has no rows to decide; make the plan with ll.plan() on this very model")
+                after[id(variable)] = True  # Keras trains it; the optimizer step keeps its frozen rows
+            rows[id(variable)] = part.after
         layers = dict(zip(walk.tree.layer_paths, walk.layers))
         held = {id(layers[lp.path]): lp.held_after for lp in plan.layers if lp.path in layers}
-        self._commit(model, walk, after, held, {})
+        self._commit(model, walk, after, held, {}, rows)
 
     def read(self, model: Any) -> State:
         return self._state(model, self.walk(model))
@@ -150,6 +192,21 @@ class KerasBackend:
         walk = self.walk(model)
         tree = walk.tree
         after = {id(v): state.params[path] for path, v in zip(tree.param_paths, walk.tensors) if path in state.params}
+        rows: dict[Hashable, tuple[int, ...] | None] = {}
+        for o, (path, v) in enumerate(zip(tree.param_paths, walk.tensors)):
+            if path not in state.params:
+                continue
+            given = state.rows.get(path)
+            if given is not None:
+                info = tree.rows.get(o)
+                if info is None or not given or not all(0 <= i < info.length for i in given):
+                    where = "has no rows to decide" if info is None else f"has {info.length} rows"
+                    raise SpecError(f"the State gives {path} the trainable rows {list(given)[:8]}, and the "
+                                    f"model's variable there {where}; take the State with ll.snapshot() of this model")
+                after[id(v)] = True
+                rows[id(v)] = tuple(sorted(set(given)))
+            else:
+                rows[id(v)] = None
         flags: dict[Hashable, bool] = {}
         held: dict[Hashable, bool] = {}
         for path, layer in zip(tree.layer_paths, walk.layers):
@@ -157,7 +214,7 @@ class KerasBackend:
             if recorded is not None:
                 flags[id(layer)] = recorded.get("trainable", bool(layer.trainable))
                 held[id(layer)] = recorded.get("held", False)
-        self._commit(model, walk, after, held, flags)
+        self._commit(model, walk, after, held, flags, rows)
 
     def weights(self, model: Any) -> Iterator[tuple[str, bool, bytes]]:
         import numpy as np
@@ -195,7 +252,17 @@ class KerasBackend:
             norm = isinstance(layer, norm_types)
             return type(layer).__name__, norm, bool(layer.__dict__.get(HOLD, False)) or (norm and not layer.trainable)
 
-        return build(model, children, params, describe)
+        walk = build(model, children, params, describe)
+        if self.rows:
+            tree = walk.tree
+            for o, variable in enumerate(walk.tensors):
+                axis = row_axes(walk.layers[tree.owner[o]]).get(tree.param_paths[o].rpartition(".")[2])
+                if axis is not None and len(variable.shape) > axis:
+                    current = internals.variable_rows(variable)
+                    tree.rows[o] = RowAxis(tuple(int(d) for d in variable.shape), axis, current)
+                    if current is not None:
+                        tree.trainable[o] = False  # trainable in part: its rows say which
+        return walk
 
     @staticmethod
     def unique_variables(walk: Walk) -> list[tuple[str, bool, Any]]:
@@ -209,31 +276,44 @@ class KerasBackend:
         """The flags now, read from the objects the walk found."""
         trainable_ids = {id(v) for v in model.trainable_weights}
         tree = walk.tree
+        rows = {path: list(r) for path, v in zip(tree.param_paths, walk.tensors)
+                if (r := internals.variable_rows(v)) is not None}
         return State(
             self.name,
-            {path: id(v) in trainable_ids for path, v in zip(tree.param_paths, walk.tensors)},
+            {path: id(v) in trainable_ids and path not in rows for path, v in zip(tree.param_paths, walk.tensors)},
             {path: {"trainable": bool(layer.trainable), "held": bool(layer.__dict__.get(HOLD, False))}
-             for path, layer in zip(tree.layer_paths, walk.layers)})
+             for path, layer in zip(tree.layer_paths, walk.layers)},
+            rows)
 
     # -- the commit -----------------------------------------------------------------------------
     def _commit(self, model: Any, walk: Walk, after: dict[Hashable, bool],
-                held: dict[Hashable, bool], forced: dict[Hashable, bool]) -> None:
-        """Set layer flags (parents first), holds and variable flags; check the result
-        against ``model.trainable_weights`` (rolling back on a mismatch); then bring the
-        compiled model in step. ``forced`` gives layer flags outright (restore)."""
+                held: dict[Hashable, bool], forced: dict[Hashable, bool],
+                rows: dict[Hashable, tuple[int, ...] | None]) -> None:
+        """Set layer flags (parents first), holds, variable flags and trainable rows; check
+        the result against ``model.trainable_weights`` (rolling back on a mismatch); then
+        bring the compiled model in step. ``after`` holds Keras' flags (a variable trainable
+        in part is trainable there), ``rows`` the variables' rows (None: whole), ``forced``
+        layer flags given outright (restore)."""
         target = self._layer_flags(walk, after, held, forced)
         self._check_layer_level(walk, after, target)
         internals.check_model(model, next(iter(walk.tensors), None))
+        if any(r is not None for r in rows.values()):
+            internals.check_row_apply()
         previous = self._state(model, walk)
+        trainable_ids = {id(v) for v in model.trainable_weights}
+        flags_before: dict[Hashable, bool] = {id(v): id(v) in trainable_ids for v in walk.tensors}
+        rows_before: dict[Hashable, tuple[int, ...] | None] = {id(v): internals.variable_rows(v) for v in walk.tensors}
         self._before_change(model)
         tree = walk.tree
         try:
             self._set(walk, target, held, after)
+            self._set_rows(walk, rows)
             self._verify(model, walk, after)
         except BaseException:
             self._set(walk, {id(layer): previous.layers[path]["trainable"] for path, layer in zip(tree.layer_paths, walk.layers)},
                       {id(layer): previous.layers[path]["held"] for path, layer in zip(tree.layer_paths, walk.layers)},
-                      {id(v): previous.params[path] for path, v in zip(tree.param_paths, walk.tensors)})
+                      flags_before)
+            self._set_rows(walk, rows_before)
             raise
         self._refresh(model, self._state(model, walk) != previous)
 
@@ -252,6 +332,17 @@ class KerasBackend:
             if id(variable) in after:
                 self._set_variable(variable, after[id(variable)])
         self._hold_dropout(walk)
+
+    def _set_rows(self, walk: Walk, rows: dict[Hashable, tuple[int, ...] | None]) -> None:
+        """Give the variables in ``rows`` their trainable rows (None: whole again); the
+        optimizer step is wrapped at the first variable that gets some."""
+        axes = {id(walk.tensors[o]): info.axis for o, info in walk.tree.rows.items()}
+        for variable in walk.tensors:
+            key = id(variable)
+            if key in rows and rows[key] != internals.variable_rows(variable):
+                if rows[key] is not None:
+                    internals.install_row_apply()
+                internals.set_variable_rows(variable, rows[key], axes.get(key, 0))
 
     def _hold_dropout(self, walk: Walk) -> None:
         """Dropout is off (rate 0) exactly inside held subtrees; the rate comes back on release."""
@@ -329,6 +420,7 @@ class TfKerasBackend(KerasBackend):
     name = "tf_keras"
     module = "tf_keras"
     param_level = False
+    rows = False  # rows= needs Keras 3's optimizer step
 
     def _own_params(self, layer: Any) -> list[Any]:
         seen: set[int] = set()

@@ -38,6 +38,12 @@ The layouts (Keras 3, tf_keras 2):
   torch backend a fused ``_parallel_update_step`` over all of them. ``_learning_rate`` holds
   the float rate's variable or the schedule. :data:`STEP_OWNERS` names the Keras classes
   that may define each of these; any other definition is refused.
+- some rows of a variable trainable (:func:`install_row_apply`): every Keras 3 optimizer's
+  step goes through ``keras.src.optimizers.base_optimizer.BaseOptimizer.apply(grads,
+  trainable_variables=None)``, with the variables ``_trainable_variables`` when none are
+  passed: ``fit`` on TensorFlow and torch calls it, JAX's ``stateless_apply`` calls
+  ``self.apply(grads)`` inside a ``StatelessScope``, a ``LossScaleOptimizer`` calls its inner
+  optimizer's.
 
 keras and tf_keras are only read from ``sys.modules`` or imported inside functions.
 
@@ -50,6 +56,7 @@ keras and tf_keras are only read from ``sys.modules`` or imported inside functio
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import sys
@@ -887,3 +894,112 @@ class RatedOptimizer:
         base = base_rate(target)
         set_rates(target, {p: multiplier(float(r), base) for p, r in rates.items()}, decays)
         return optimizer
+
+
+# -- some rows of a variable trainable (rows=) ----------------------------------------------------
+ROWS = "_layerlock_rows"  # on a keras.Variable trainable in part: (rows, axis, boolean mask)
+_ROW_APPLY = "_layerlock_row_apply"  # on BaseOptimizer.apply once it is wrapped
+
+
+def variable_rows(variable: Any) -> tuple[int, ...] | None:
+    """The trainable rows of ``variable`` (None: the whole variable follows its flag).
+
+    >>> import keras
+    >>> v = keras.Variable([[1.0, 2.0], [3.0, 4.0]])
+    >>> set_variable_rows(v, (1,), 0); variable_rows(v)
+    (1,)
+    >>> set_variable_rows(v, None, 0); variable_rows(v) is None
+    True
+    """
+    found = getattr(variable, "__dict__", {}).get(ROWS)
+    return None if found is None else found[0]
+
+
+def set_variable_rows(variable: Any, rows: Sequence[int] | None, axis: int) -> None:
+    """Make rows ``rows`` (along ``axis``) of ``variable`` the only part the optimizer moves
+    (None: the whole variable again). The variable itself stays ``trainable``; the step
+    :func:`install_row_apply` wraps reads the rows when a train function is traced."""
+    if rows is None:
+        variable.__dict__.pop(ROWS, None)
+        return
+    import numpy as np
+
+    shape = tuple(int(d) for d in variable.shape)
+    mask = np.zeros(shape[axis], dtype=bool)
+    mask[list(rows)] = True
+    object.__setattr__(variable, ROWS, (tuple(sorted(rows)), axis,
+                                        mask.reshape([shape[axis] if d == axis else 1 for d in range(len(shape))])))
+
+
+def _base_optimizer() -> type:
+    """Keras 3's BaseOptimizer, whose ``apply`` every optimizer step runs through; refused
+    (:class:`BackendError`) where its layout is not the one :func:`install_row_apply` knows."""
+    keras = sys.modules["keras"]
+    base: type | None = next((c for c in keras.optimizers.Optimizer.__mro__ if c.__name__ == "BaseOptimizer"
+                              and c.__module__ == "keras.src.optimizers.base_optimizer"), None)
+    apply = None if base is None else vars(base).get("apply")
+    if base is None or not callable(apply) or _positional(getattr(apply, "__wrapped__", apply)) != 2:
+        version = getattr(keras, "__version__", "(version unknown)")
+        raise BackendError(f"layerlock does not know this layout of Keras {version}: rows= needs "
+                           "keras.src.optimizers.base_optimizer.BaseOptimizer.apply(grads, trainable_variables). "
+                           "Nothing was changed. Safe fallback: train the whole variable (no rows=), or freeze it.")
+    return base
+
+
+def check_row_apply() -> None:
+    """Refuse, before anything changes, a Keras whose optimizer step :func:`install_row_apply`
+    cannot wrap.
+
+    >>> import keras
+    >>> check_row_apply()
+    """
+    _base_optimizer()
+
+
+def install_row_apply() -> None:
+    """Wrap ``BaseOptimizer.apply`` (once, at the first rows= install) so that every Keras 3
+    optimizer, compiled now or later, in ``fit`` or in a custom loop, moves only the
+    trainable rows of the variables that have them (:func:`set_variable_rows`): their
+    frozen rows' gradients are zeroed (the optimizer's state and a global-norm clip see the
+    trainable rows only), the variable is kept, the stock step runs (weight decay, EMA,
+    accumulation, clipping as they are), and the frozen rows are put back with
+    ``where(mask, new, old)``: bit-identical by construction. Variables without rows take
+    the stock step unchanged. The rows are read when a train function is traced, so a change
+    needs a rebuilt one (the Keras backend rebuilds the compiled model's).
+
+    >>> import keras
+    >>> install_row_apply()
+    >>> v = keras.Variable([[1.0], [2.0]]); set_variable_rows(v, (1,), 0)
+    >>> keras.optimizers.SGD(1.0).apply([keras.ops.ones((2, 1))], [v])
+    >>> keras.ops.convert_to_numpy(v).ravel().tolist()
+    [1.0, 1.0]
+    """
+    base = _base_optimizer()
+    original = vars(base)["apply"]
+    if getattr(original, _ROW_APPLY, False):
+        return
+    keras = sys.modules["keras"]
+
+    @functools.wraps(original)
+    def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
+        if trainable_variables is not None and not _is_seq(trainable_variables):
+            trainable_variables = list(trainable_variables)  # a generator: read it once
+        variables = getattr(self, "_trainable_variables", None) if trainable_variables is None else trainable_variables
+        parts = [(i, v, found[2]) for i, v in enumerate(variables or ())
+                 if (found := getattr(v, "__dict__", {}).get(ROWS)) is not None]
+        if not parts:
+            return original(self, grads, trainable_variables)  # the stock step, arguments as given
+        grads = list(grads)
+        ops = keras.ops
+        kept = []
+        for i, variable, mask in parts:  # the frozen rows are put back below whatever the stock step does
+            if i < len(grads) and grads[i] is not None:
+                grads[i] = ops.where(mask, grads[i], ops.zeros_like(grads[i]))
+            kept.append((variable, mask, ops.copy(variable.value)))
+        out = original(self, grads, trainable_variables)
+        for variable, mask, old in kept:
+            variable.assign(ops.where(mask, variable.value, old))
+        return out
+
+    setattr(apply, _ROW_APPLY, True)
+    base.apply = apply  # type: ignore[attr-defined]

@@ -41,7 +41,9 @@ def check(model: Any, optimizer: Any = None, *, scheduler: Any = None, bn: str =
     tree = walk.tree
     unique = backend.unique_variables(walk)
     sizes = {tree.param_paths[o]: tree.numels[o] for o in range(len(tree.param_paths))}
-    params = [Weight(path, trainable, sizes[path]) for path, trainable, _ in unique]
+    # a variable trainable in some rows (rows=) is one the optimizer updates
+    params = [Weight(path, trainable or internals.variable_rows(v) is not None, sizes[path])
+              for path, trainable, v in unique]
     variables = [v for _, _, v in unique]
     found = [f for f in [_stale_finding(model, params, variables)] if f is not None]
     if bn != "trainable":
