@@ -18,7 +18,7 @@ DOORS = {
     BACKENDS / "keras_internals.py": {
         "_flatten_layers", "_trainable_variables", "_trainable_weights", "_value",                # layers, variables
         "_variables", "_trainable_variables_indices", "_var_key", "_tracker", "_built", "_index_dict",  # optimizers
-        "keras.src.utils.tracking",
+        "keras.src.utils.tracking", "keras.src.optimizers.base_optimizer",
         "_distribute_strategy", "_is_compiled", "_compiled_trainable_state", "_reset_compile_cache",  # models
         "_learning_rate", "_backend_apply_gradients", "_backend_update_step", "_parallel_update_step",  # rates
         "_apply_weight_decay", "_use_weight_decay", "_get_current_learning_rate",

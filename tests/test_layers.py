@@ -22,6 +22,7 @@ LAYERS = [
     {"backends.keras_internals", "backends.torch_internals", "backends.hf_internals", "backends.flax_internals"},
     {"backends.wrappers"},                           # DDP / compile / Accelerate / PEFT unwrapping
     {"backends.distributed"},                        # DDP / FSDP guards
+    {"backends.torch_rows"},                         # torch: some rows of a tensor trainable
     {"backends.torch", "backends.keras", "backends.flax", "backends.pytree"},  # translation tables
     {"diagnostics", "diagnostics.torch", "diagnostics.keras", "diagnostics.flax", "diagnostics.pytree"},  # ll.check
     {"operations", "rate_table"},                        # plan, apply, summary, state, check; the rate table

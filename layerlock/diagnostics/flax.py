@@ -157,9 +157,8 @@ def _optimizer_findings(model: nnx.Module, optimizer: nnx.Optimizer[Any]) -> lis
 def _row_findings(params: dict[int, tuple[str, Any]], selected: set[int], optimizer: Any) -> list[Finding]:
     """Parameters trainable in some rows only (``rows=``) that the optimizer would train
     whole: it was not built with ``layerlock.flax.train_rows``, or over other rows."""
-    from ..jax import RowTransformation  # imports optax, as an nnx.Optimizer has already
-
-    told = optimizer.tx.rows if isinstance(optimizer.tx, RowTransformation) else {}
+    told = getattr(optimizer.tx, "rows", None)  # a layerlock.jax.RowTransformation's {path: (rows, axis)}
+    told = told if isinstance(told, dict) else {}
     whole = [i for i, (path, var) in params.items() if i in selected and (rows := trained_rows(var)) is not None
              and (told.get(path) or (None,))[0] != rows]
     if not whole:
