@@ -297,8 +297,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         if phase.lr is None or optimizer is None:
             return ""
         variables = _variables(self.model)
-        added = list({id(v): v for p in plan.params if p.trainable_after and not p.trainable_before
-                      for v in [variables[p.path]]}.values())
+        added = list({id(v): v for v in map(variables.__getitem__, plan.gained)}.values())
         if not added:
             return ""
         if _rate_new(optimizer, added, phase.lr):

@@ -148,8 +148,9 @@ def rates(model: Any, lr: float, *, lr_mult: Mapping[str, float] | None = None,
     rows: list[tuple[str, float, float | None, str, int | None]] = []
     seen: set[Any] = set()
     for o, path in enumerate(tree.param_paths):
-        if not tree.trainable[o] or tree.param_keys[o] in seen:
-            continue
+        part = tree.rows.get(o)
+        if not (tree.trainable[o] or (part is not None and part.trainable)) or tree.param_keys[o] in seen:
+            continue  # frozen whole; a tensor trainable in part (rows=) has a rate
         seen.add(tree.param_keys[o])
         i, block = mult_of[o], None if block_of is None else block_of[o]
         mult = mults[patterns[i]] if i >= 0 else 1.0

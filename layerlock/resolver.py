@@ -232,6 +232,7 @@ class _Resolver:
             groups = [os for os in positions.values() if len(os) > 1]
         self.selected_by: dict[int, set[int]] = {o: set() for os in groups for o in os}
         self.row_selected: dict[int, list[int]] = {}  # a rows= rule -> the occurrences it selects
+        self.rows = dict(tree.rows)  # and a tied tensor's RowAxis also under its first occurrence
         for r, rule in enumerate(rules):
             if rule.rows is not None:
                 self.row_selected[r] = self.selection(r, rule, labels[r])
@@ -318,6 +319,8 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
     decided, groups = res.decide(spec.rules, [f"rule #{r} {rule!r}" for r, rule in enumerate(spec.rules)])
     for os in groups:
         _check_tied(res, spec, os)
+        if os[0] not in res.rows and (info := next((res.rows[o] for o in os if o in res.rows), None)):
+            res.rows[os[0]] = info  # a tied tensor's rows are decided where one of its holders has them
     actions = [rule.action == "unfreeze" for rule in spec.rules]
     after = [actions[r] if r >= 0 else t for r, t in zip(decided, tree.trainable)]
     rules: list[int | str | None] = [r if r >= 0 else None for r in decided]
@@ -326,7 +329,7 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
         for i in [i for i, norm in enumerate(tree.norm) if norm]:
             for o in range(first[i], first[i + 1]):
                 after[o], rules[o] = bn == "trainable", "bn"
-    partial = _decide_rows(res, spec, decided, after, rules, groups) if res.row_selected or tree.rows else {}
+    partial = _decide_rows(res, spec, decided, after, rules, groups) if res.row_selected or res.rows else {}
     if not param_level:
         _check_whole_layers(tree, after, backend)
     layers = tuple(_layer_plans(res, bn, frozen_mode, after, spec)) if holds != "none" else ()
@@ -342,10 +345,10 @@ def resolve(root: Node | Tree, spec: Spec, *, strict: bool = True, bn: BnPolicy 
         paths, numels, before = [paths[o] for o in rows], [numels[o] for o in rows], [before[o] for o in rows]
         after, rules = [after[o] for o in rows], [rules[o] for o in rows]
     row_plans = {}
-    if tree.rows:  # the tensors trainable in part, before or after, by their plan row
-        row_of_occurrence = row_of if groups else {o: o for o in tree.rows}
+    if res.rows:  # the tensors trainable in part, before or after, by their plan row
+        row_of_occurrence = row_of if groups else {o: o for o in res.rows}
         row_plans = {row_of_occurrence[o]: RowPlan(info.length, info.trainable, partial.get(o))
-                     for o, info in tree.rows.items()
+                     for o, info in res.rows.items()
                      if o in row_of_occurrence and (info.trainable is not None or o in partial)}
     plan = Plan(spec, tuple(paths), tuple(numels), tuple(before), tuple(after), tuple(rules), aliases,
                 layers, bn, frozen_mode, backend, carried, res.counted, row_plans)
@@ -373,22 +376,28 @@ def _decide_rows(res: _Resolver, spec: Spec, decided: list[int], after: list[boo
         for o in dict.fromkeys(first.get(o, o) for o in selected):
             if decided[o] > r:
                 continue  # a later rule decides the whole tensor
-            info = tree.rows.get(o)
+            info = res.rows.get(o)
             if info is None:
                 raise SpecError(
                     f"{label}: rows= decides the entries of an embedding table or the output units of a dense "
                     f"layer, and {tree.param_paths[o]} ({tree.numels[o]} scalars) has no such axis that the "
                     f"{res.backend or 'given'} backend can decide. Narrow the rule's patterns to such tensors.")
+            if info.refused:
+                raise SpecError(
+                    f"{label}: rows= cannot decide {tree.param_paths[o]} (shape {info.shape}): it is {info.refused}, "
+                    "and rows train in a tensor each process holds whole. Accepted: rows of an unsharded tensor "
+                    "(DistributedDataParallel replicates it; or leave its module out of the sharding), or the "
+                    "whole tensor without rows=.")
             chosen = _row_set(rule.rows, info, tree.param_paths[o], label)  # type: ignore[arg-type]
             if o not in state:
                 whole = set(range(info.length)) if after[o] else set()
                 state[o] = set(info.trainable) if decided[o] < 0 and info.trainable is not None else whole
             state[o] = state[o] | chosen if rule.action == "unfreeze" else state[o] - chosen
             rules[o] = r
-    partial = {o: info.trainable for o, info in tree.rows.items()
+    partial = {o: info.trainable for o, info in res.rows.items()
                if info.trainable is not None and decided[o] < 0 and o not in state}  # untouched: kept
     for o, on in state.items():
-        after[o] = len(on) == tree.rows[o].length
+        after[o] = len(on) == res.rows[o].length
         if on and not after[o]:
             partial[o] = tuple(sorted(on))
     return partial

@@ -133,13 +133,27 @@ class Plan:
                      if b != a or (k in rows and rows[k].before != rows[k].after))
 
     @property
+    def gained(self) -> tuple[str, ...]:
+        """Paths of the parameters that train after applying (whole or some rows) and did
+        not at all before: what a phase's ``lr`` applies to."""
+        return tuple(p for k, p in enumerate(self.paths) if self.scalars(k) and not self.scalars(k, after=False))
+
+    @property
     def frozen_scalars(self) -> int:
         return sum(self.numels) - self.trainable_scalars
 
     @property
     def trainable_scalars(self) -> int:
-        whole = sum(n for n, a in zip(self.numels, self.trainable_after) if a)
-        return whole + sum(self.numels[k] // r.length * len(r.after) for k, r in self.rows.items() if r.after)
+        return sum(self.scalars(k) for k in range(len(self.paths)))
+
+    def scalars(self, row: int, after: bool = True) -> int:
+        """The trainable scalars of parameter ``row`` after (or before) applying: all, none,
+        or those of its trainable rows."""
+        part = self.rows.get(row)
+        rows = None if part is None else part.after if after else part.before
+        if rows is not None:
+            return self.numels[row] // part.length * len(rows)  # type: ignore[union-attr]
+        return self.numels[row] if (self.trainable_after if after else self.trainable_before)[row] else 0
 
     @property
     def held(self) -> tuple[str, ...]:
@@ -369,6 +383,12 @@ class Summary:
     @property
     def trainable_scalars(self) -> int:
         return sum(r.trainable_scalars for r in self.rows)
+
+    @property
+    def gained(self) -> tuple[str, ...]:
+        """Paths of the parameters that train after applying (whole or some rows) and did
+        not at all before: what a phase's ``lr`` applies to."""
+        return tuple(p for k, p in enumerate(self.paths) if self.scalars(k) and not self.scalars(k, after=False))
 
     @property
     def frozen_scalars(self) -> int:

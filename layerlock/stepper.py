@@ -80,8 +80,8 @@ class PhaseStepper:
         phase = self.schedule.phases[index]
         note = sync(phase, result) if sync is not None else ""
         self.phase = index
-        gained = sum(p.numel for p in result.params if p.trainable_after and not p.trainable_before)
-        lost = sum(p.numel for p in result.params if p.trainable_before and not p.trainable_after)
+        change = [result.scalars(k) - result.scalars(k, after=False) for k in range(len(result.paths))]
+        gained, lost = sum(d for d in change if d > 0), -sum(d for d in change if d < 0)
         total = result.trainable_scalars + result.frozen_scalars
         share = 100 * result.trainable_scalars / total if total else 0.0
         message = (f"layerlock: {self.unit} {at}: phase {index + 1}/{len(self.schedule.phases)} "

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .backends.distributed import check_ranks, rebuild_ddp, rebuild_for, refuse_empty_phases, refuse_unrebuildable
+from .backends import torch_rows
 from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
@@ -59,7 +60,8 @@ def param_groups(model: torch.nn.Module, lr: float, *, lr_mult: Mapping[str, flo
                   layer_decay=layer_decay, within=within, strict=strict)
     tensors = dict(unwrap(model).named_parameters(remove_duplicate=False))
     return [{**{k: v for k, v in group.items() if k != "paths"},
-             "params": [(name, tensors[name]) for name in group["paths"]]} for group in table.groups]
+             "params": [torch_rows.trainable_part(name, tensors[name]) for name in group["paths"]]}
+            for group in table.groups]
 
 
 def sync_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, lr: float | None = None,
@@ -242,7 +244,7 @@ class FreezeScheduler(LoopScheduler):
             # What this phase makes trainable trains at its lr, also where the optimizer already
             # holds it (built from model.parameters()): it moves, with its state, to the new group.
             tensors = dict(self._module.named_parameters(remove_duplicate=False))
-            ids = {id(tensors[p.path]) for p in plan.params if p.trainable_after and not p.trainable_before}
+            ids = {id(tensors[path]) for path in plan.gained}
             take_out(optimizer, lambda p: id(p) in ids)
         # The phase's lr (else the optimizer's default) is a base rate under an LR scheduler.
         settings: dict[str, Any] = {} if phase.lr is None else {"lr": phase.lr}

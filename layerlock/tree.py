@@ -21,7 +21,8 @@ class RowAxis(NamedTuple):
     """A parameter whose rows a spec can decide (``rows=``): its ``shape`` in the framework's
     storage, the ``axis`` of its rows there (an embedding table's entries, a dense layer's
     output units), and the rows trainable now when only some are (None: the whole tensor
-    follows its trainable flag).
+    follows its trainable flag); ``refused`` says why its rows cannot be decided where the
+    framework stores it so (a tensor sharded across processes).
 
     >>> RowAxis((16, 4), 1).length
     4
@@ -30,6 +31,7 @@ class RowAxis(NamedTuple):
     shape: tuple[int, ...]
     axis: int
     trainable: tuple[int, ...] | None = None
+    refused: str | None = None
 
     @property
     def length(self) -> int:

@@ -408,3 +408,60 @@ def fsdp2_schedule_main(rank, world, port, queue, job, tmp):
         queue.put((rank, {"crash": traceback.format_exc()}))
     finally:
         dist.destroy_process_group()
+
+
+# -- rows= under DDP, and refused on FSDP2-sharded tables (tests/test_rows_torch.py) --
+
+def rows_net():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(emb=nn.Embedding(100, 8), pool=nn.Flatten(), head=nn.Linear(24, 2)))
+
+
+def rows_scenarios(rank):
+    """Phase 0 trains the head, phase 1 also the new rows 90: of the table, through DDP."""
+    model = rows_net()
+    table = model.emb.weight.detach().clone()
+    ddp = DDP(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    freezer = llt.FreezeScheduler(ll.Schedule({0: ll.freeze("emb"), 1: ll.unfreeze("emb", rows="90:")}),
+                                  ddp, optimizer, log=None)
+    log = []
+    for epoch in range(2):
+        freezer.step(epoch)
+        for step in range(2):
+            g = torch.Generator().manual_seed(100 * rank + 10 * epoch + step)
+            x, y = torch.randint(0, 100, (8, 3), generator=g), torch.randint(0, 2, (8,), generator=g)
+            x[:, 0] = torch.randint(90, 100, (8,), generator=g)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+        now = model.state_dict()["emb.weight"]
+        every = [torch.zeros_like(now) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, now)
+        log.append({"ranks_same": all(torch.equal(every[0], t) for t in every[1:]) and in_sync(model),
+                    "old_same": torch.equal(now[:90], table[:90]), "new_same": torch.equal(now[90:], table[90:]),
+                    "same_wrapper": freezer.model is ddp})
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = rows_net()
+    fully_shard(sharded.emb)
+    fully_shard(sharded)
+    try:
+        ll.apply(sharded, ll.freeze().unfreeze("emb", rows="90:"))
+        error = None
+    except ll.SpecError as exc:
+        error = str(exc)
+    return {"log": log, "sharded_error": error,
+            "sharded_unchanged": all(p.requires_grad for p in sharded.parameters())}
+
+
+def rows_main(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, rows_scenarios(rank)))
+    except Exception:
+        queue.put((rank, {"crash": traceback.format_exc()}))
+    finally:
+        dist.destroy_process_group()

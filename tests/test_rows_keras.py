@@ -146,6 +146,20 @@ def test_a_freeze_scheduler_phase_gives_rows_during_fit_and_the_next_phase_train
     assert all_moved(end[:90], middle[:90], 0)
 
 
+def test_a_phase_lr_is_the_rate_of_the_rows_it_makes_trainable():
+    import layerlock.keras as llk
+
+    model = net(keras.optimizers.SGD(0.1))
+    schedule = ll.Schedule({0: ll.freeze("emb"), 1: ll.unfreeze("emb", rows=NEW)}, lr={1: 1e-4})
+    tables = Tables()
+    x, y = data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[llk.FreezeScheduler(schedule, log=None), tables])
+    start, middle, end = tables.seen
+    assert same(middle, start) and same(end[:90], start[:90])
+    step = np.abs(end[90:] - middle[90:]).max()
+    assert 0 < step < 1e-5  # at the optimizer's rate, 0.1, they move by about 5e-3
+
+
 def test_an_optimizer_made_after_apply_in_a_custom_loop_keeps_the_frozen_rows():
     model = net()
     ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))

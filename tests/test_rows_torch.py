@@ -62,6 +62,34 @@ def test_gradient_zeroing_by_hand_fails_the_same_test():
     assert not torch.equal(model.emb.weight[:90], before[:90])  # weight decay moved the "frozen" rows
 
 
+def test_param_groups_and_a_phase_lr_give_the_trainable_rows_their_rate():
+    import layerlock.torch as llt
+
+    model = Net()
+    before = model.emb.weight.detach().clone()
+    ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW).unfreeze("head"))
+    groups = llt.param_groups(model, 1e-2, lr_mult={"emb": 0.5}, weight_decay=0.1, no_decay=["*.bias"])
+    assert [(g["name"], [n for n, _ in g["params"]]) for g in groups] == [
+        ("lr_mult[emb]", ["emb.weight_layerlock_rows"]), ("default", ["head.weight"]), ("no_decay", ["head.bias"])]
+    train(model, torch.optim.AdamW(groups))
+    after = model.state_dict()["emb.weight"]
+    assert torch.equal(after[:90], before[:90]) and not torch.equal(after[90:], before[90:])
+
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = llt.FreezeScheduler(ll.Schedule({0: ll.freeze("emb"), 1: ll.unfreeze("emb", rows=NEW)}, lr={1: 1e-4}),
+                                  model, optimizer, log=None)
+    freezer.step(0)
+    train(model, optimizer)
+    middle = model.state_dict()["emb.weight"].clone()
+    freezer.step(1)
+    assert optimizer.param_groups[-1]["lr"] == 1e-4
+    assert [p.shape for p in optimizer.param_groups[-1]["params"]] == [(10, 8)]
+    train(model, optimizer)
+    end = model.state_dict()["emb.weight"]
+    assert torch.equal(end[:90], middle[:90]) and 0 < (end[90:] - middle[90:]).abs().max() < 1e-5
+
+
 def test_optimizer_state_is_held_for_the_trainable_rows_only():
     model = Net()
     ll.apply(model, ll.freeze().unfreeze("emb", rows=NEW))
@@ -136,6 +164,35 @@ def test_a_tied_hugging_face_head_trains_the_same_new_rows_through_both_uses():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_bert_mlm_head_tied_to_the_table_trains_the_new_rows_and_their_output_bias_entries(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=90, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    model = transformers.BertForMaskedLM(config)
+    model.resize_token_embeddings(100, mean_resizing=False)
+    table, bias = model.bert.embeddings.word_embeddings.weight, model.cls.predictions.bias
+    before, bias_before = table.detach().clone(), bias.detach().clone()
+    plan = ll.apply(model, ll.freeze().unfreeze("bert.embeddings.word_embeddings", "cls.predictions.decoder",
+                                                "cls.predictions.bias", rows="90:"))
+    assert plan.partial == ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")  # each once
+    assert plan.trainable_scalars == 10 * 16 + 10
+    optimizer = OPTIMIZERS["adamw-fused"]([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, 90, (4, 8))  # old tokens only: the new rows learn through the tied head
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    state = model.state_dict()
+    after, bias_after = state["bert.embeddings.word_embeddings.weight"], state["cls.predictions.bias"]
+    assert torch.equal(after[:90], before[:90]) and (after[90:] != before[90:]).any(1).all()
+    assert torch.equal(bias_after[:90], bias_before[:90]) and (bias_after[90:] != bias_before[90:]).all()
+    assert model.cls.predictions.decoder.weight is table and model.cls.predictions.decoder.bias is bias
+    model.save_pretrained(tmp_path)
+    plain = transformers.BertForMaskedLM.from_pretrained(tmp_path)
+    assert torch.equal(plain.cls.predictions.decoder.weight, after) and torch.equal(plain.cls.predictions.bias, bias_after)
+
+
 def test_new_token_rows_train_in_the_trainer_and_reload_in_plain_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -144,7 +201,7 @@ def test_new_token_rows_train_in_the_trainer_and_reload_in_plain_transformers(tm
     model = transformers.GPT2LMHeadModel(config)
     model.resize_token_embeddings(100)  # 10 new tokens, tied to the output head
     before = model.transformer.wte.weight.detach().clone()
-    ll.apply(model, ll.freeze().unfreeze("transformer.wte", rows="90:"))
+    ll.apply(model, ll.freeze().unfreeze("transformer.wte", "lm_head", rows="90:"))
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -178,3 +235,16 @@ def test_check_names_a_hand_made_row_freeze_that_weight_decay_still_moves():
     assert "rows=" in found[0].fix
     quiet = torch.optim.SGD(model.parameters(), lr=0.1)  # no decay, no momentum: the hook does hold them
     assert not [f for f in ll.check(model, quiet).findings if f.kind == "hooked-row-freeze"]
+
+
+def test_rows_train_under_ddp_with_ranks_in_sync_and_a_sharded_table_is_refused():
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    from . import distributed_worker
+
+    results = distributed_worker.run_ranks(distributed_worker.rows_main, timeout=120)
+    for out in results.values():
+        assert out["log"] == [{"ranks_same": True, "old_same": True, "new_same": True, "same_wrapper": True},
+                              {"ranks_same": True, "old_same": True, "new_same": False, "same_wrapper": True}]
+        assert "DTensor" in out["sharded_error"] and "shape (100, 8)" in out["sharded_error"]
+        assert out["sharded_unchanged"]

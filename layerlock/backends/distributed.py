@@ -176,13 +176,13 @@ def refuse_empty_phases(schedule: Schedule, plans: list[Plan]) -> None:
 def rebuild_for(ddp: nn.parallel.DistributedDataParallel | None, plan: Plan) -> None:
     """After a phase changed the trainable set of the module inside ``ddp``: check that every
     rank reached the same set, then rebuild the wrapper in place for it (:func:`rebuild_ddp`);
-    nothing for no wrapper or a plan that changes no flag.
+    nothing for no wrapper or a plan that changes no flag or rows.
 
     >>> import layerlock as ll
     >>> from layerlock.results import Plan
     >>> rebuild_for(None, Plan(ll.freeze(), ("w",), (1,), (True,), (False,), (0,)))
     """
-    if ddp is not None and any(p.trainable_before != p.trainable_after for p in plan.params):
+    if ddp is not None and plan.changed:
         check_ranks(ddp.module, ddp.process_group)  # the ranks agree before DDP broadcasts anything
         rebuild_ddp(ddp)
 
@@ -196,7 +196,8 @@ def check_ranks(model: nn.Module, group: Any = None) -> str:
 
     state = get_backend(model).read(model)
     digest = hashlib.sha256(repr(sorted(state.params.items())).encode()
-                            + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()).hexdigest()
+                            + repr(sorted((k, v["held"]) for k, v in state.layers.items())).encode()
+                            + repr(sorted(state.rows.items())).encode()).hexdigest()
     if not (dist.is_available() and dist.is_initialized()):
         return digest
     gathered: list[Any] = [None] * dist.get_world_size(group)

@@ -84,22 +84,6 @@ def _numel(p: torch.Tensor) -> int:
     return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
-def row_axes(module: nn.Module) -> dict[str, int]:
-    """The parameters of ``module`` whose rows ``rows=`` decides, and the axis of those rows:
-    an embedding table's entries, a dense layer's output units (and their biases).
-
-    >>> row_axes(torch.nn.Linear(2, 3)), row_axes(torch.nn.LayerNorm(3))
-    ({'weight': 0, 'bias': 0}, {})
-    """
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return {"weight": 0}
-    if isinstance(module, nn.Linear):
-        return {"weight": 0, "bias": 0}
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return {"weight": 1, "bias": 0}  # GPT-2's dense layer keeps its weight as (in, out)
-    return {}
-
-
 class TorchBackend:
     """The PyTorch backend (``torch.nn.Module``)."""
 
@@ -140,14 +124,15 @@ class TorchBackend:
             end.append(0)
             first.append(len(param_paths))
             prefix = path + "." if path else ""
-            axes = row_axes(module) if isinstance(module, row_types) else None
+            axes = torch_rows.row_axes(module) if isinstance(module, row_types) else None
             for n, p in own_parameters(module).items():
                 if p is not None:
                     if axes is not None:
                         if torch_rows.is_rows(p):
                             continue  # the trainable part of a table: decided through the table
                         if n in axes and p.dim() > axes[n]:
-                            rows[len(param_paths)] = RowAxis(tuple(p.shape), axes[n], torch_rows.current(p))
+                            rows[len(param_paths)] = RowAxis(tuple(p.shape), axes[n], torch_rows.current(p),
+                                                            torch_rows.sharded(p))
                     param_paths.append(prefix + n)
                     numels.append(p.numel() if type(p) is parameter else _numel(p))
                     trainable.append(p.requires_grad)
@@ -189,9 +174,7 @@ class TorchBackend:
                 p.grad = None  # no stale gradient, momentum step or weight decay can move it
         for k, part in plan.rows.items():  # then the tensors trainable in part after
             if part.after is not None and part.after != part.before:
-                owner, _, name = plan.paths[k].rpartition(".")
-                module = root.get_submodule(owner)
-                torch_rows.install(root, module, name, part.after, row_axes(module)[name])
+                torch_rows.install(root, tensors[k], part.after)
         for layer in sorted(plan.layers, key=lambda lp: lp.path.count(".")):  # parents first
             module = root.get_submodule(layer.path)
             if layer.held_after:
@@ -217,9 +200,7 @@ class TorchBackend:
             if torch_rows.current(p) != (tuple(state.rows[n]) if n in state.rows else None):
                 torch_rows.remove(p)
                 if n in state.rows:
-                    owner, _, name = n.rpartition(".")
-                    module = root.get_submodule(owner)
-                    torch_rows.install(root, module, name, state.rows[n], row_axes(module)[name])
+                    torch_rows.install(root, p, state.rows[n])
             p.requires_grad_(state.params[n])
             if not state.params[n]:
                 p.grad = None

@@ -15,7 +15,7 @@ the effective values; ``load_state_dict`` of a plain checkpoint fills the rows f
 
 >>> import torch
 >>> emb = torch.nn.Embedding(10, 2)
->>> install(emb, emb, "weight", (8, 9), axis=0)
+>>> install(emb, emb.weight, (8, 9))
 >>> sorted(emb.state_dict()), current(emb.weight)
 (['weight'], (8, 9))
 >>> remove(emb.weight); current(emb.weight) is None, sorted(emb.state_dict())
@@ -25,12 +25,14 @@ the effective values; ``load_state_dict`` of a plain checkpoint fills the rows f
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import BackendError
 from . import torch_internals as internals
 
 
@@ -50,17 +52,18 @@ class _Rows(torch.autograd.Function):
 
 
 class _Installed:
-    """One table with trainable rows: its holders (tied modules), name, axis and hooks. The
-    hooks reach it through ``functools.partial``, so a deep copy of the model gets its own."""
+    """One table with trainable rows: where it is held (``(module, name)``, several for tied
+    modules), its axis and hooks. The hooks reach it through ``functools.partial``, so a deep
+    copy of the model gets its own."""
 
-    def __init__(self, holders: list[nn.Module], name: str, axis: int) -> None:
-        self.holders, self.name, self.axis = holders, name, axis
+    def __init__(self, places: list[tuple[nn.Module, str]], axis: int) -> None:
+        self.places, self.axis = places, axis
         self.depth, self.saved, self.handles = 0, None, []  # saved: the Parameter while swapped
 
     def parts(self) -> tuple[nn.Parameter, nn.Parameter, torch.Tensor]:
-        holder = self.holders[0]
+        holder, name = self.places[0]
         own = internals.own_parameters(holder)
-        return own[self.name], own[self.name + "_layerlock_rows"], holder.get_buffer(self.name + "_layerlock_index")
+        return own[name], own[name + "_layerlock_rows"], holder.get_buffer(name + "_layerlock_index")
 
     def write(self) -> None:
         """Write the rows into the table, always (fused optimizers do not bump ``_version``)
@@ -73,6 +76,22 @@ INSTALLED = "_layerlock_row_state"  # on a table with trainable rows: its _Insta
 ROWS = "_layerlock_is_rows"      # on a <name>_layerlock_rows Parameter
 
 
+def row_axes(module: nn.Module) -> dict[str, int]:
+    """The parameters of ``module`` whose rows ``rows=`` decides, and the axis of those rows:
+    an embedding table's entries, a dense layer's output units (and their biases).
+
+    >>> row_axes(torch.nn.Linear(2, 3)), row_axes(torch.nn.LayerNorm(3))
+    ({'weight': 0, 'bias': 0}, {})
+    """
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return {"weight": 0}
+    if isinstance(module, nn.Linear):
+        return {"weight": 0, "bias": 0}
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return {"weight": 1, "bias": 0}  # GPT-2's dense layer keeps its weight as (in, out)
+    return {}
+
+
 def is_rows(p: Any) -> bool:
     """True for a ``<name>_layerlock_rows`` Parameter this module registered (not a model weight)."""
     return getattr(p, ROWS, False) is True
@@ -81,31 +100,50 @@ def is_rows(p: Any) -> bool:
 def current(weight: Any) -> tuple[int, ...] | None:
     """The trainable rows of ``weight`` (None: the whole tensor follows its flag)."""
     found = getattr(weight, INSTALLED, None)
-    if found is None:
-        return None
-    return tuple(found.holders[0].get_buffer(found.name + "_layerlock_index").tolist())
+    return None if found is None else tuple(found.parts()[2].tolist())
 
 
-def install(root: nn.Module, module: nn.Module, name: str, rows: Sequence[int], axis: int) -> None:
-    """Make rows ``rows`` (along ``axis``) of ``module.<name>`` the only trainable part; every
-    module under ``root`` that holds the same Parameter (tied weights) is a holder."""
-    weight = internals.own_parameters(module)[name]
+def trainable_part(path: str, weight: nn.Parameter) -> tuple[str, nn.Parameter]:
+    """The named Parameter an optimizer trains for ``weight`` at ``path``: its
+    ``<path>_layerlock_rows`` when only some rows train, else ``(path, weight)``."""
+    found = getattr(weight, INSTALLED, None)
+    return (path, weight) if found is None else (path + "_layerlock_rows", found.parts()[1])
+
+
+def sharded(p: Any) -> str | None:
+    """Why the rows of ``p`` cannot be decided: a DTensor (``fully_shard``, tensor
+    parallelism) is split across processes; None for a tensor each process holds whole."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    if dtensor is not None and isinstance(p, dtensor.DTensor):
+        return f"a DTensor placed as {tuple(map(str, p.placements))} on a mesh of {p.device_mesh.size()} processes"
+    return None
+
+
+def install(root: nn.Module, weight: nn.Parameter, rows: Sequence[int]) -> None:
+    """Make rows ``rows`` of ``weight`` the only trainable part. Every module under ``root``
+    that holds it (tied weights, under any name) is a holder; the axis is the one its
+    holders' :func:`row_axes` give."""
     remove(weight)
-    holders = [m for m in root.modules() if internals.own_parameters(m).get(name) is weight]
+    places = [(m, n) for m in root.modules() for n, p in internals.own_parameters(m).items() if p is weight]
+    axes = {row_axes(m)[n] for m, n in places if n in row_axes(m)}
+    if len(axes) != 1:
+        raise BackendError(f"rows= needs one row axis for the tensor of shape {tuple(weight.shape)} held at "
+                           f"{[type(m).__name__ + '.' + n for m, n in places]}; its holders give {sorted(axes)}")
+    (axis,) = axes
     index = torch.tensor(sorted(rows), dtype=torch.long, device=weight.device)
     weight.requires_grad_(False)
     weight.grad = None
     part = nn.Parameter(weight.detach().index_select(axis, index).clone())
     setattr(part, ROWS, True)
-    found = _Installed(holders, name, axis)
+    found = _Installed(places, axis)
     hook = functools.partial
-    for m in holders:
-        m.register_parameter(name + "_layerlock_rows", part)
-        m.register_buffer(name + "_layerlock_index", index, persistent=False)
+    for m, n in places:
+        m.register_parameter(n + "_layerlock_rows", part)
+        m.register_buffer(n + "_layerlock_index", index, persistent=False)
         found.handles += [m.register_state_dict_pre_hook(hook(_before_save, found)),
-                          m.register_state_dict_post_hook(hook(_after_save, found)),
-                          m.register_load_state_dict_pre_hook(hook(_before_load, found))]
-    for m in dict.fromkeys([root, *holders]):
+                          m.register_state_dict_post_hook(hook(_after_save, found, n)),
+                          m.register_load_state_dict_pre_hook(hook(_before_load, found, n))]
+    for m in dict.fromkeys([root, *(m for m, _ in places)]):
         found.handles += [m.register_forward_pre_hook(hook(_swap_in, found)),
                           m.register_forward_hook(hook(_swap_out, found), always_call=True)]
     setattr(weight, INSTALLED, found)
@@ -119,9 +157,9 @@ def remove(weight: nn.Parameter) -> None:
     found.write()
     for handle in found.handles:
         handle.remove()
-    for m in found.holders:
-        delattr(m, found.name + "_layerlock_rows")
-        delattr(m, found.name + "_layerlock_index")
+    for m, n in found.places:
+        delattr(m, n + "_layerlock_rows")
+        delattr(m, n + "_layerlock_index")
 
 
 def merge(weight: Any) -> None:
@@ -140,15 +178,15 @@ def _swap_in(found: _Installed, module: nn.Module, args: Any) -> None:
     if torch.is_grad_enabled() and rows.requires_grad:
         found.saved = weight
         swapped = _Rows.apply(weight, rows, index, found.axis)  # one node: every use's gradient adds up
-        for m in found.holders:
-            internals.own_parameters(m)[found.name] = swapped
+        for m, n in found.places:
+            internals.own_parameters(m)[n] = swapped
 
 
 def _swap_out(found: _Installed, module: nn.Module, args: Any, out: Any) -> None:
     found.depth -= 1
     if found.depth == 0 and found.saved is not None:
-        for m in found.holders:
-            internals.own_parameters(m)[found.name] = found.saved
+        for m, n in found.places:
+            internals.own_parameters(m)[n] = found.saved
         found.saved = None
 
 
@@ -157,13 +195,14 @@ def _before_save(found: _Installed, module: nn.Module, prefix: str, keep_vars: b
         found.write()
 
 
-def _after_save(found: _Installed, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+def _after_save(found: _Installed, name: str, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                 local_metadata: Any) -> None:
-    state_dict.pop(prefix + found.name + "_layerlock_rows", None)
+    state_dict.pop(prefix + name + "_layerlock_rows", None)
 
 
-def _before_load(found: _Installed, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    full = state_dict.get(prefix + found.name)
-    if full is not None and prefix + found.name + "_layerlock_rows" not in state_dict:
-        index = module.get_buffer(found.name + "_layerlock_index")
-        state_dict[prefix + found.name + "_layerlock_rows"] = full.index_select(found.axis, index.to(full.device))
+def _before_load(found: _Installed, name: str, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                 *args: Any) -> None:
+    full = state_dict.get(prefix + name)
+    if full is not None and prefix + name + "_layerlock_rows" not in state_dict:
+        index = module.get_buffer(name + "_layerlock_index")
+        state_dict[prefix + name + "_layerlock_rows"] = full.index_select(found.axis, index.to(full.device))
