@@ -270,7 +270,7 @@ class Plan:
         partial = len(self.partial)
         text.append(f"frozen {count(self.frozen_scalars)} scalars in {len(self.frozen) - partial} tensors; "
                     f"trainable {count(self.trainable_scalars)} in {len(self.trainable)}"
-                    + (f", and in some rows of {partial}" if partial else "")
+                    + (f" whole tensors and {partial} in part (rows)" if partial else "")
                     + f"; {n_changed} tensor{'s' if n_changed != 1 else ''} change")
         return "\n".join(text)
 
