@@ -9,7 +9,7 @@ from .fake import FakeBackend
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Scripts that run in their own processes (the mesh one builds 4 host devices at import): never collected.
-collect_ignore = ["jax_mesh_worker.py", "trainer_ddp_worker.py"]
+collect_ignore = ["jax_mesh_worker.py", "trainer_ddp_worker.py", "keras_backends.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,6 @@ to float32 rounding of the rate times the gradient), and with large gradients ot
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -403,36 +402,4 @@ def test_a_schedule_with_lr_and_an_optimizer_that_cannot_honour_it_raise_spec_er
     assert type(model.optimizer) is OwnStep
 
 
-# -- the other Keras backends -----------------------------------------------------------------------
-OTHER_BACKENDS = "test_the_same_tests_pass_on_the_torch_and_jax_keras_backends"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def other_backends(request):
-    """Start this file's runs on the torch and JAX Keras backends (Keras picks its backend at
-    import, so each is a process) as the TensorFlow run begins, so that they run beside its
-    tests; the last test collects them. One thread each: three processes share the cores."""
-    runs = {}
-    if BACKEND == "tensorflow" and any(item.name == OTHER_BACKENDS for item in request.session.items):
-        for backend in ("torch", "jax"):
-            if importlib.util.find_spec(backend) is not None:
-                env = {**os.environ, "KERAS_BACKEND": backend, "OMP_NUM_THREADS": "1",
-                       "PYTHONPATH": str(Path(__file__).parent.parent)}
-                runs[backend] = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                  __file__], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                 text=True, env=env)
-    yield runs
-    for run in runs.values():
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-
-
-def test_the_same_tests_pass_on_the_torch_and_jax_keras_backends(other_backends):
-    if BACKEND != "tensorflow":
-        pytest.skip("already running on another Keras backend")
-    if not other_backends:
-        pytest.skip("neither torch nor jax is installed")
-    for backend, run in other_backends.items():
-        out, _ = run.communicate(timeout=300)
-        assert run.returncode == 0, f"KERAS_BACKEND={backend}:\n{out[-4000:]}"
+from .keras_backends import other_backends, test_the_same_tests_pass_on_the_torch_and_jax_keras_backends  # noqa: E402, F401
