@@ -103,11 +103,6 @@ def _refuse_mask(spec: Any) -> None:
     raise SpecError(f"expected a layerlock Spec such as ll.freeze('encoder'); received {type(spec).__name__}")
 
 
-def _decisions(tree: Any, spec: Spec, strict: bool, bn: BnPolicy = "follow") -> dict[str, bool]:
-    result = plan(tree, spec, strict=strict, bn=bn)
-    return dict(zip(result.paths, result.trainable_after))
-
-
 def trainable_mask(tree: Any, spec: Spec, *, strict: bool = True, bn: BnPolicy = "follow") -> Any:
     """A pytree of bools shaped like ``tree``: **True where the leaf trains** (the
     ``filter_spec`` of ``eqx.partition``, the ``mask`` of ``optax.masked``). For optax's

@@ -252,7 +252,6 @@ class _Resolver:
                 decided[o] = last
         return decided, groups
 
-
     def selection(self, r: int, rule: Rule, label: str) -> list[int]:
         """The occurrences ``rule`` selects, leaving every other rule's marks as they are."""
         kept = self.node_rule, self.param_rule

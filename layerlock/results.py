@@ -385,12 +385,6 @@ class Summary:
         return sum(r.trainable_scalars for r in self.rows)
 
     @property
-    def gained(self) -> tuple[str, ...]:
-        """Paths of the parameters that train after applying (whole or some rows) and did
-        not at all before: what a phase's ``lr`` applies to."""
-        return tuple(p for k, p in enumerate(self.paths) if self.scalars(k) and not self.scalars(k, after=False))
-
-    @property
     def frozen_scalars(self) -> int:
         return sum(r.frozen_scalars for r in self.rows)
 
