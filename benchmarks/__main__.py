@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import env, overhead, report
+from . import env, overhead, report, rows
 from .worker import KERAS_SUITES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEP_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax", "equinox")
-SECTIONS = (*STEP_SUITES, "apply", "rates", "trainer", "distributed", "import")
-OTHER_SECTIONS = ("apply", "rates", "trainer", "distributed", "import")   # not per-suite step tables
+SECTIONS = (*STEP_SUITES, "apply", "rates", "rows", "trainer", "distributed", "import")
+OTHER_SECTIONS = ("apply", "rates", "rows", "trainer", "distributed", "import")   # not per-suite step tables
 RATE_SUITES = ("torch", "keras-tf", "keras-torch", "keras-jax", "jax")
 # Memory probes are one subprocess per (model, mode); --quick keeps one model's worth.
 QUICK_PROBES = {"torch": ("cnn",)}
@@ -112,6 +112,26 @@ def probes(suites: list[str], steps: dict[str, Any], args: argparse.Namespace, d
     return out
 
 
+def rows_probes(found: dict[str, Any], args: argparse.Namespace, bar: Any) -> None:
+    """The memory probe of every mode timed, one fresh process each, two at a time; into
+    each suite's results (``rows.add_memory``)."""
+    jobs = [(suite, mode) for suite, data in found.items() for mode in data.get("modes", {})]
+    out: dict[str, dict[str, Any]] = {suite: {} for suite, _ in jobs}
+    bar.total += len(jobs)
+    bar.refresh()
+
+    def one(job: tuple[str, str]) -> None:
+        suite, mode = job
+        out[suite][mode] = run_worker("rows", suite, [mode], args, "cpu")
+        bar.set_postfix_str(f"rows memory {suite} {mode}")
+        bar.update()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(one, jobs))
+    for suite, memory in out.items():
+        rows.add_memory(found[suite], memory)
+
+
 def merge(old: dict[str, Any], new: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """The earlier results with the sections just measured replaced; each section keeps
     the date it was measured on (``meta.measured``)."""
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "device": device, "device_name": env.device_name(device), "machine": env.machine(),
                  "versions": env.versions(), "threads": args.threads,
                  "omp_wait_policy": worker_env("torch", device)["OMP_WAIT_POLICY"]},
-        "steps": {}, "memory": {}, "apply": {}, "rates": {}, "trainer": {}, "distributed": {}, "import": {},
+        "steps": {}, "memory": {}, "apply": {}, "rates": {}, "rows": {}, "trainer": {}, "distributed": {}, "import": {},
         "skipped": {}}
     suites = [s for s in STEP_SUITES if s in args.only]
     elapsed = results["meta"]["elapsed_s"] = {}
@@ -176,14 +196,15 @@ def main(argv: list[str] | None = None) -> Path:
         clock = time.perf_counter()
 
     with tqdm(total=len(suites) + ("apply" in args.only) * 2 + ("rates" in args.only) * len(RATE_SUITES)
+              + ("rows" in args.only) * len(rows.SUITES)
               + ("trainer" in args.only) + ("distributed" in args.only) + ("import" in args.only),
               desc="benchmarks", unit="task") as bar:
-        def each_suite(task: str, names: tuple[str, ...] | list[str]) -> None:
+        def each_suite(task: str, names: tuple[str, ...] | list[str], on: str | None = None) -> None:
             for suite in names:
                 bar.set_postfix_str(f"{task} {suite}")
                 why = framework_missing(suite)
                 results[task][suite] = {"error": why} if why else run_worker(
-                    task, suite, [], args, suite_device(suite, device))
+                    task, suite, [], args, on or suite_device(suite, device))
                 lap(f"{task} {suite}")
                 bar.update()
 
@@ -196,6 +217,11 @@ def main(argv: list[str] | None = None) -> Path:
                 bar.update()
         if "rates" in args.only:
             each_suite("rates", RATE_SUITES)
+        if "rows" in args.only:
+            each_suite("rows", rows.SUITES, "cpu")  # on the CPU, where RSS is the memory figure
+            if not args.no_memory:
+                rows_probes(results["rows"], args, bar)
+                lap("rows memory probes")
         if "trainer" in args.only:
             bar.set_postfix_str("Hugging Face Trainer")
             why = framework_missing("trainer")

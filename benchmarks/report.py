@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .overhead import growth
+from .rows import SIZES as ROW_SIZES
 
 SUITE_TITLES = {"torch": "PyTorch", "keras-tf": "Keras 3 on TensorFlow", "keras-torch": "Keras 3 on torch",
                 "keras-jax": "Keras 3 on JAX", "jax": "JAX (Flax NNX)", "equinox": "JAX (Equinox, optax)"}
@@ -159,6 +160,13 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
         rows.append([f"per-parameter rates ({', '.join(suites)}: {RATE_MODES[mode]}) ≤ {bound}× its baseline",
                      "not run" if not v else " / ".join(f"{x:.3f}" for x in v),
                      _verdict(None if not v else max(v) <= bound, f"{max(v or [0]):.3f}×")])
+    tr = results.get("rows", {}).get("torch", {}).get("ratios", {})
+    for name, key, bound in (("torch rows step time ≤ 1.05× PEFT trainable_token_indices", "layerlock/peft", 1.05),
+                             (f"torch rows peak memory ≤ PEFT's (peak over setup ÷ PEFT's, {MEM_SLACK:.0%} noise "
+                              "allowed)", "peak layerlock/peft", 1 + MEM_SLACK)):
+        v = tr.get(key)
+        rows.append([name, "not run" if v is None else f"{v:.3f}",
+                     _verdict(None if v is None else v <= bound, f"{v or 0:.3f}×")])
     rows += distributed_targets(results.get("distributed", {}))
     mem = memory_ratios(results)
     worse = [f"{k} {r:.3f}×" for k, r in mem.items() if r > 1 + MEM_SLACK]
@@ -310,6 +318,8 @@ def section(results: dict[str, Any], img: str) -> list[str]:
                 f"![apply overhead]({img}-apply.png)", ""]
     if results.get("rates"):
         out += ["### Per-parameter learning rates", ""] + rates_section(results["rates"])
+    if results.get("rows"):
+        out += rows_section(results["rows"])
     if trainer := results.get("trainer"):
         out += ["### Hugging Face Trainer callback", ""] + trainer_section(trainer)
     if dist := results.get("distributed"):
@@ -362,6 +372,39 @@ def rates_section(rates: dict[str, Any]) -> list[str]:
             "of a whole step, so the whole-step ratios are mostly the machine's run-to-run noise; the "
             "`alone` rows time the optimizer by itself on fixed gradients.", "",
             table(["suite", "mode", "median step ms", "÷ baseline"], rows), ""]
+
+
+ROW_MODES = {"full": "whole table trained", "peft": "PEFT `trainable_token_indices`",
+             "mask": "whole table, gradient row mask by hand (no weight decay)", "layerlock": "layerlock `rows=`"}
+
+
+def rows_section(data: dict[str, Any]) -> list[str]:
+    """Training only the new rows of a table: time, peak memory and optimizer state per mode."""
+    s = next((d["size"] for d in data.values() if "size" in d), ROW_SIZES[False])
+    rows = []
+    for suite, d in data.items():
+        if "modes" not in d:
+            rows.append([suite, "not run", d.get("error", "unknown").splitlines()[0]] + [""] * 5)
+            continue
+        modes, mem, base = d["modes"], d.get("memory", {}), d["baseline"]
+        for mode, v in modes.items():
+            peak, b = (mem.get(m, {}).get("train_increment_mb") for m in (mode, base))
+            rows.append([suite, ROW_MODES[mode], _ms(v["median"]),
+                         "baseline" if mode == base else _x(v["median"] / modes[base]["median"]),
+                         "–" if peak is None else f"{peak:.1f}",
+                         "baseline" if mode == base else _x(peak / b if peak is not None and b else None),
+                         f"{v['opt_state_bytes']:,}", f"{v['trainable_scalars']:,}"])
+        rows += [[suite, ROW_MODES[m], "not run", why.splitlines()[0]] + [""] * 4 for m, why in d["skipped"].items()]
+    return [f"### Rows: {s['new']} new rows of a {s['vocab']} x {s['dim']} table", "",
+            f"`ll.freeze().unfreeze(\"emb\", rows=\"{s['vocab'] - s['new']}:\")` on Embedding → mean over tokens → "
+            f"Linear/Dense({s['dim']}, 16), batch {s['batch']} × {s['seq']} token ids (every 16th a new one), "
+            "cross-entropy, AdamW (lr 1e-3, weight decay 0.01), only the table trained in every mode, on the CPU. "
+            "Baseline: PEFT's `TrainableTokensConfig` in torch, the whole table elsewhere; modes interleaved "
+            "in one process. Peak memory: a fresh process per mode, peak RSS over 3 steps minus the RSS after "
+            "building model and optimizer. Optimizer state: bytes of its arrays after training (Keras keeps the "
+            "whole table's state: its stock optimizer steps the table and layerlock restores the frozen rows).", "",
+            table(["suite", "mode", "median step ms", "÷ baseline", "peak over setup MB", "÷ baseline",
+                   "optimizer-state bytes", "trainable scalars"], rows), ""]
 
 
 DIST_TITLES = {"loop": "plain loop, `DistributedDataParallel`", "lightning": "Lightning `strategy=\"ddp\"`",

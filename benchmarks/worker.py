@@ -9,6 +9,8 @@ modules through ``layerlock.jax``).
     python -m benchmarks.worker probe SUITE CASE MODE OUT.json [--quick] ...
     python -m benchmarks.worker apply SUITE OUT.json [--quick] ...
     python -m benchmarks.worker rates SUITE OUT.json [--quick] ...   (per-parameter learning rates)
+    python -m benchmarks.worker rows SUITE [MODE] OUT.json [--quick] ...   (rows= : every mode
+        timed; with MODE, that mode's memory probe)
     python -m benchmarks.worker distributed torch OUT.json [--quick]  (2 processes, gloo)
 """
 
@@ -145,6 +147,15 @@ def run_rates(args: argparse.Namespace) -> dict[str, Any]:
     return rates.run(args.suite, args.quick, args.reps or REPS[args.quick])
 
 
+def run_rows(args: argparse.Namespace) -> dict[str, Any]:
+    from . import rows
+    cases_module(args.suite)  # imports the framework (and checks KERAS_BACKEND), so that threads reach it
+    threads = set_threads(args.threads)
+    if args.mode:
+        return rows.probe(args.suite, args.mode, args.quick)
+    return {"suite": args.suite, "threads": threads, **rows.run(args.suite, args.quick, args.reps or REPS[args.quick])}
+
+
 def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     from . import overhead
     set_threads(args.threads)
@@ -159,9 +170,9 @@ def run_distributed(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     env.quiet_frameworks()
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    p.add_argument("task", choices=("steps", "probe", "apply", "trainer", "rates", "distributed"))
+    p.add_argument("task", choices=("steps", "probe", "apply", "trainer", "rates", "rows", "distributed"))
     p.add_argument("suite", choices=SUITES)
-    p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json")
+    p.add_argument("rest", nargs="+", help="[CASE MODE] OUT.json (probe), [MODE] OUT.json (rows)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -172,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     *extra, out = args.rest
     if args.task == "probe":
         args.case, args.mode = extra
+    if args.task == "rows":
+        args.mode = extra[0] if extra else None
     result = {"steps": run_steps, "probe": run_probe, "apply": run_apply, "trainer": run_trainer,
-              "rates": run_rates, "distributed": run_distributed}[args.task](args)
+              "rates": run_rates, "rows": run_rows, "distributed": run_distributed}[args.task](args)
     with open(out, "w") as f:
         json.dump(result, f)
 

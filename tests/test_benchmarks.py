@@ -256,3 +256,62 @@ def test_the_distributed_loop_part_runs_on_two_processes_in_quick_mode():
     # the frozen phase all-reduces exactly the trainable gradients, on both ranks alike
     assert out["bytes_ratio"] == pytest.approx(out["trainable_share"], rel=1e-9) and out["trainable_share"] < 1
     assert out["rank1_bytes"] == out["bytes"]
+
+
+def test_rows_is_a_section_of_the_full_run_and_a_partial_run_replaces_it_alone():
+    from benchmarks.__main__ import OTHER_SECTIONS, SECTIONS, merge, parse
+
+    assert "rows" in SECTIONS and "rows" in OTHER_SECTIONS and parse(["--only", "rows"]).only == ["rows"]
+    old = {"meta": {"date": "d1", "versions": {}, "elapsed_s": {}}, "steps": {"torch": {"cases": 1}},
+           "memory": {}, "apply": {}, "rates": {"torch": "old"}, "import": {}}   # written before rows existed
+    new = {"meta": {"date": "d2", "versions": {}, "elapsed_s": {"rows torch": 9, "total": 9}},
+           "steps": {}, "memory": {}, "apply": {}, "rates": {}, "rows": {"torch": "new"}, "import": {}}
+    out = merge(old, new, ["rows"])
+    assert out["rows"] == {"torch": "new"} and out["rates"] == {"torch": "old"}
+    assert out["steps"] == {"torch": {"cases": 1}}
+    assert out["meta"]["measured"] == {"rows": "d2"}
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # no step suites to plot
+def test_quick_rows_section_records_modes_optimizer_bytes_and_renders_its_targets(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from benchmarks import __main__ as cli
+    from benchmarks import rows, worker
+
+    monkeypatch.setattr(rows, "SUITES", ("torch",))   # one suite's worth: the others run alike
+    out = cli.main(["--only", "rows", "--quick", "--reps", "2", "--threads", "1", "--no-memory", "--no-docs",
+                    "--out", str(tmp_path / "quick.json")])
+    data = json.loads(out.read_text())["rows"]["torch"]
+    peft = rows.missing("peft") is None
+    assert list(data["modes"]) == [m for m in rows.MODES["torch"] if peft or m != "peft"]
+    assert data["baseline"] == ("peft" if peft else "full") and ("peft" in data["skipped"]) is not peft
+    assert all(len(m["samples_s"]) == 2 for m in data["modes"].values())
+    # AdamW: two float32 moments per trainable scalar; only the new rows train with layerlock and PEFT
+    s, modes = rows.SIZES[True], data["modes"]
+    assert modes["layerlock"]["trainable_scalars"] == s["new"] * s["dim"]
+    assert modes["layerlock"]["opt_state_bytes"] == 8 * s["new"] * s["dim"]
+    assert modes["full"]["opt_state_bytes"] == modes["mask"]["opt_state_bytes"] == 8 * s["vocab"] * s["dim"]
+    if peft:
+        assert modes["peft"]["opt_state_bytes"] == modes["layerlock"]["opt_state_bytes"]
+        assert {"layerlock/peft", "layerlock/full", "mask/peft", "full/peft"} == set(data["ratios"])
+
+    # the memory probe of one mode (plumbing: in this process, its peak is this process's)
+    probe_json = tmp_path / "probe.json"
+    worker.main(["rows", "torch", "layerlock", str(probe_json), "--quick", "--threads", "1"])
+    assert {"peak_rss_mb", "rss_after_build_mb", "train_increment_mb"} <= set(json.loads(probe_json.read_text()))
+    base = data["baseline"]
+    rows.add_memory(data, {"layerlock": {"train_increment_mb": 9.0}, base: {"train_increment_mb": 10.0}})
+    assert data["ratios"][f"peak layerlock/{base}"] == pytest.approx(0.9)
+
+    results = {**_results({}), "rows": {"torch": data, "jax": {"error": "flax not installed"}}}
+    (tmp_path / "cpu.json").write_text(json.dumps(results))
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    assert "### Rows: 16 new rows of a 4000 x 64 table" in text and "| torch | layerlock `rows=` |" in text
+    assert "| jax | not run | flax not installed |" in text
+    step, memory = "torch rows step time ≤ 1.05× PEFT trainable_token_indices", "torch rows peak memory ≤ PEFT's"
+    if peft:
+        assert f"{step} | {data['ratios']['layerlock/peft']:.3f} |" in text
+        assert "| 0.900 | met |" in text and memory in text
+    else:
+        assert f"{step} | not run | not measured |" in text
