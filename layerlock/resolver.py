@@ -232,7 +232,12 @@ class _Resolver:
             groups = [os for os in positions.values() if len(os) > 1]
         self.selected_by: dict[int, set[int]] = {o: set() for os in groups for o in os}
         self.row_selected: dict[int, list[int]] = {}  # a rows= rule -> the occurrences it selects
-        self.rows = dict(tree.rows)  # and a tied tensor's RowAxis also under its first occurrence
+        # The tensors whose rows can be decided (a tied one also under its first occurrence)
+        # where a rule decides rows; else only those trainable in part now, which keep theirs.
+        if any(rule.rows is not None for rule in rules):
+            self.rows = dict(tree.all_rows())
+        else:
+            self.rows = {o: info for o, info in tree.rows.items() if info.trainable is not None}
         for r, rule in enumerate(rules):
             if rule.rows is not None:
                 self.row_selected[r] = self.selection(r, rule, labels[r])

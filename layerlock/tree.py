@@ -101,7 +101,8 @@ class Tree:
     PEFT model's weights as its base model does and makes the base model the root, so a
     spec written for the base model selects the same weights after wrapping. ``rows`` maps a
     parameter occurrence to its :class:`RowAxis` where a backend can decide single rows (an
-    embedding table's entries, a dense layer's output units).
+    embedding table's entries, a dense layer's output units); :meth:`all_rows` completes it
+    where a backend fills it lazily.
     :func:`build` walks a framework's model into one, and :meth:`of` flattens a
     :class:`Node` tree. ``end[i]`` is exclusive: layer ``i``'s subtree is ``range(i, end[i])``.
 
@@ -126,6 +127,21 @@ class Tree:
     param_names: list[str] | None = None
     root: int = 0
     rows: dict[int, RowAxis] = field(default_factory=dict)
+    rows_later: Callable[[], None] | None = None
+
+    def all_rows(self) -> dict[int, RowAxis]:
+        """``rows`` complete: a backend may fill it at once for the tensors trainable in part
+        only, and leave the others to ``rows_later``, which this runs (once).
+
+        >>> tree = Tree()
+        >>> tree.rows_later = lambda: tree.rows.update({0: RowAxis((4, 2), 0)})
+        >>> tree.all_rows()
+        {0: RowAxis(shape=(4, 2), axis=0, trainable=None, refused=None)}
+        """
+        if self.rows_later is not None:
+            fill, self.rows_later = self.rows_later, None
+            fill()
+        return self.rows
 
     @classmethod
     def of(cls, root: Node | Tree) -> Tree:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -84,6 +84,9 @@ def _numel(p: torch.Tensor) -> int:
     return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
+_ROW_AXES: dict[type, Mapping[str, int] | None] = {}  # module class -> its row axes (None: no rows)
+
+
 class TorchBackend:
     """The PyTorch backend (``torch.nn.Module``)."""
 
@@ -112,33 +115,47 @@ class TorchBackend:
         tensors: list[nn.Parameter] = []
         parameter = nn.Parameter
         rows = tree.rows
-        row_types = (nn.Embedding, nn.EmbeddingBag, nn.Linear, *internals.conv1d_types())
+        axes_of = _ROW_AXES
+        now: list[tuple[Mapping[str, int], int, int, int]] = []   # (axes, prefix length, first, end)
+        later: list[tuple[Mapping[str, int], int, int, int]] = []
+
+        def fill(modules: list[tuple[Mapping[str, int], int, int, int]], paths: list[str]) -> None:
+            current, sharded = torch_rows.current, torch_rows.sharding_check()
+            for axes, cut, start, stop in modules:
+                for o in range(start, stop):
+                    p, axis = tensors[o], axes.get(paths[o][cut:])
+                    if axis is not None and p.dim() > axis:
+                        rows[o] = RowAxis(tuple(p.shape), axis, current(p), sharded and sharded(p))
 
         def build(path: str, module: nn.Module) -> None:
             i = len(layer_paths)
             layer_paths.append(path)
-            kinds.append(type(module).__name__)
+            kind = type(module)
+            kinds.append(kind.__name__)
             layer_keys.append(id(module))
             norms.append(isinstance(module, norm_types))
             held.append(module.__dict__.get(HOLD, False))
             end.append(0)
             first.append(len(param_paths))
             prefix = path + "." if path else ""
-            axes = torch_rows.row_axes(module) if isinstance(module, row_types) else None
-            for n, p in own_parameters(module).items():
+            params = own_parameters(module)
+            axes = axes_of.get(kind, False)
+            if axes is False:  # first module of its class: the class decides (torch_rows.row_axes)
+                axes = axes_of[kind] = torch_rows.row_axes(module) or None
+            part = axes is not None and len(params) > len(axes)  # more than its own: some rows may train here
+            start = len(param_paths)
+            for n, p in params.items():
                 if p is not None:
-                    if axes is not None:
-                        if torch_rows.is_rows(p):
-                            continue  # the trainable part of a table: decided through the table
-                        if n in axes and p.dim() > axes[n]:
-                            rows[len(param_paths)] = RowAxis(tuple(p.shape), axes[n], torch_rows.current(p),
-                                                            torch_rows.sharded(p))
+                    if part and torch_rows.is_rows(p):
+                        continue  # the trainable part of a table: decided through the table
                     param_paths.append(prefix + n)
                     numels.append(p.numel() if type(p) is parameter else _numel(p))
                     trainable.append(p.requires_grad)
                     param_keys.append(id(p))
                     owner.append(i)
                     tensors.append(p)
+            if axes is not None:  # its tensors' rows: now where some train, else when a rule decides rows
+                (now if part else later).append((axes, len(prefix), start, len(param_paths)))
             for n, m in own_modules(module).items():
                 if m is not None:
                     build(prefix + n, m)
@@ -148,6 +165,10 @@ class TorchBackend:
         own_parameters, own_modules = internals.readers(root)
         build("", root)
         first.append(len(param_paths))
+        fill(now, param_paths)
+        if later:
+            paths = list(param_paths)  # the module's own names, before PEFT's are replaced
+            tree.rows_later = lambda: fill(later, paths)
         if "peft" in sys.modules and hasattr(root, "peft_config"):  # PEFT sets peft_config on what it wraps
             peft_names(root, tree)
         self._walks[root] = (tree, tensors)  # ll.apply() calls tree() then apply(): walk the model once

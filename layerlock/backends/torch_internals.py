@@ -79,15 +79,6 @@ def grad_hooks(tensor: Any) -> list[Any]:
     return list(hooks.values()) if isinstance(hooks, dict) else []
 
 
-def conv1d_types() -> tuple[type, ...]:
-    """Hugging Face's ``Conv1D`` (GPT-2's dense layer) where transformers is imported."""
-    import sys
-
-    utils = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(utils, "Conv1D", None)
-    return (conv1d,) if isinstance(conv1d, type) else ()
-
-
 def norm_types() -> tuple[type, ...]:
     """The classes of the norm layers with running statistics (BatchNorm*, SyncBatchNorm,
     InstanceNorm*); the public classes if the shared base class is gone."""

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -76,20 +77,24 @@ INSTALLED = "_layerlock_row_state"  # on a table with trainable rows: its _Insta
 ROWS = "_layerlock_is_rows"      # on a <name>_layerlock_rows Parameter
 
 
-def row_axes(module: nn.Module) -> dict[str, int]:
+def row_axes(module: nn.Module) -> Mapping[str, int]:
     """The parameters of ``module`` whose rows ``rows=`` decides, and the axis of those rows:
     an embedding table's entries, a dense layer's output units (and their biases).
 
-    >>> row_axes(torch.nn.Linear(2, 3)), row_axes(torch.nn.LayerNorm(3))
+    >>> dict(row_axes(torch.nn.Linear(2, 3))), dict(row_axes(torch.nn.LayerNorm(3)))
     ({'weight': 0, 'bias': 0}, {})
     """
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return {"weight": 0}
+        return _TABLE
     if isinstance(module, nn.Linear):
-        return {"weight": 0, "bias": 0}
+        return _DENSE
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return {"weight": 1, "bias": 0}  # GPT-2's dense layer keeps its weight as (in, out)
+        return _CONV1D  # GPT-2's dense layer keeps its weight as (in, out)
     return {}
+
+
+_TABLE, _DENSE, _CONV1D = MappingProxyType({"weight": 0}), MappingProxyType({"weight": 0, "bias": 0}), \
+    MappingProxyType({"weight": 1, "bias": 0})
 
 
 def is_rows(p: Any) -> bool:
@@ -110,13 +115,24 @@ def trainable_part(path: str, weight: nn.Parameter) -> tuple[str, nn.Parameter]:
     return (path, weight) if found is None else (path + "_layerlock_rows", found.parts()[1])
 
 
-def sharded(p: Any) -> str | None:
-    """Why the rows of ``p`` cannot be decided: a DTensor (``fully_shard``, tensor
-    parallelism) is split across processes; None for a tensor each process holds whole."""
-    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
-    if dtensor is not None and isinstance(p, dtensor.DTensor):
-        return f"a DTensor placed as {tuple(map(str, p.placements))} on a mesh of {p.device_mesh.size()} processes"
-    return None
+def sharding_check() -> Callable[[Any], str | None] | None:
+    """A function that says why the rows of a tensor cannot be decided (a DTensor, from
+    ``fully_shard`` or tensor parallelism, is split across processes) or None for a tensor
+    each process holds whole; None where no DTensor can exist (not imported).
+
+    >>> sharding_check() is None or sharding_check()(torch.zeros(1)) is None
+    True
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return None
+    kind = dtensor.DTensor
+
+    def sharded(p: Any) -> str | None:
+        if isinstance(p, kind):
+            return f"a DTensor placed as {tuple(map(str, p.placements))} on a mesh of {p.device_mesh.size()} processes"
+        return None
+    return sharded
 
 
 def install(root: nn.Module, weight: nn.Parameter, rows: Sequence[int]) -> None:
