@@ -31,7 +31,8 @@ _API = {
     # learning rates
     "rates": "rate_table", "Rates": "rate_table",
     # schedules
-    "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule",
+    "Schedule": "schedule", "Phase": "schedule", "gradual": "schedule", "MetricSchedule": "schedule",
+    "Plateau": "schedule",
     # reports and values
     "Plan": "results", "ParamPlan": "results", "LayerPlan": "results", "Summary": "results", "State": "results",
     "Report": "results", "Finding": "results",
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from .operations import apply, check, fingerprint, frozen, plan, restore, snapshot, summary
     from .rate_table import Rates, rates
     from .results import Finding, LayerPlan, ParamPlan, Plan, Report, State, Summary
-    from .schedule import Phase, Schedule, gradual
+    from .schedule import MetricSchedule, Phase, Plateau, Schedule, gradual
     from .spec import Rule, Spec, freeze, unfreeze
 
 

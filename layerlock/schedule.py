@@ -1,4 +1,5 @@
-"""Schedules: which spec holds from which epoch, as a serialisable value.
+"""Schedules: which spec holds from which epoch, as a serialisable value; or, for a
+:class:`MetricSchedule`, which spec comes next once a monitored metric stops improving.
 
 A schedule is cumulative: at epoch ``e`` the model is in the state that applying every phase
 up to ``e`` in order gives, which is the same as applying the concatenation of their specs.
@@ -15,7 +16,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,3 +170,174 @@ def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str
     phases = [Phase(start + i * every, spec, None if lr is None else lr * lr_decay ** i)
               for i, spec in enumerate(specs)]
     return Schedule(phases)
+
+
+MODES: tuple[str, ...] = ("min", "max")
+
+
+def _count(value: Any, what: str, *, low: int = 0, none: bool = False) -> int | None:
+    """``value`` as an int >= ``low`` (None allowed with ``none``); else SpecError."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise SpecError(f"{what} must be an int >= {low}{' or None' if none else ''}; received {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """When a :class:`MetricSchedule` moves on: its phase ends once ``monitor`` has not
+    improved (by more than ``min_delta``, downwards for ``mode="min"``, upwards for
+    ``"max"``) for ``patience`` epochs in a row, and not before the phase has run
+    ``min_epochs`` epochs; it ends after ``max_epochs`` epochs whatever the metric does.
+    Each phase is judged on its own: its best value and wait count start afresh.
+    ``restore_best``: at a transition, bring back the weights, optimizer and LR scheduler
+    state of the phase's best epoch before the next phase starts. A metric that is NaN or
+    infinite counts as no improvement (with a warning).
+
+    >>> Plateau("val_loss", patience=2)
+    Plateau(monitor='val_loss', mode='min', patience=2, min_delta=0.0, min_epochs=0, max_epochs=None, restore_best=False)
+    """
+
+    monitor: str
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    min_epochs: int = 0
+    max_epochs: int | None = None
+    restore_best: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise SpecError(f"monitor must be the name of a metric, such as 'val_loss'; received {self.monitor!r}")
+        if self.mode not in MODES:
+            raise SpecError(f"mode must be 'min' (lower is better, a loss) or 'max' (an accuracy); "
+                            f"received {self.mode!r}")
+        object.__setattr__(self, "patience", _count(self.patience, "patience"))
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real) \
+                or not math.isfinite(self.min_delta) or self.min_delta < 0:
+            raise SpecError(f"min_delta must be a finite number >= 0; received {self.min_delta!r}")
+        object.__setattr__(self, "min_delta", float(self.min_delta))
+        object.__setattr__(self, "min_epochs", _count(self.min_epochs, "min_epochs"))
+        object.__setattr__(self, "max_epochs", _count(self.max_epochs, "max_epochs", low=1, none=True))
+        if self.max_epochs is not None and self.max_epochs < self.min_epochs:
+            raise SpecError(f"max_epochs ({self.max_epochs}) is below min_epochs ({self.min_epochs}): a phase "
+                            "could never end on its metric")
+        if not isinstance(self.restore_best, bool):
+            raise SpecError(f"restore_best must be True or False; received {self.restore_best!r}")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` by more than ``min_delta`` (any finite value beats None).
+
+        >>> Plateau("acc", mode="max", min_delta=0.1).improved(0.55, 0.5)
+        False
+        """
+        if not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+
+
+@dataclass(frozen=True)
+class MetricSchedule:
+    """Phases that begin when a metric stops improving: ``specs`` in order, the first from
+    the start, each next one from the epoch after the :class:`Plateau` rule ends the phase
+    before; the last phase trains on. ``lr={phase index: rate}`` is each phase's ``lr``, as
+    a :class:`Schedule`'s (the rate of what that phase makes trainable). Serialisable like a
+    Schedule; :meth:`schedule` gives the plain Schedule of the phases begun so far.
+
+    >>> s = MetricSchedule([freeze("body"), unfreeze()], monitor="val_loss", patience=2, lr={1: 1e-4})
+    >>> s.schedule([0, 5])
+    Schedule(phases=(Phase(epoch=0, spec=Spec(freeze('body')), lr=None), Phase(epoch=5, spec=Spec(unfreeze()), lr=0.0001)))
+    >>> MetricSchedule.from_dict(s.to_dict()) == s
+    True
+    """
+
+    specs: tuple[Spec, ...]
+    rule: Plateau
+    lr: tuple[float | None, ...]
+
+    def __init__(self, specs: Sequence[Spec], rule: Plateau | None = None, *, lr: Mapping[int, float] | None = None,
+                 **plateau: Any) -> None:
+        if isinstance(specs, (str, bytes, Spec, Mapping)) or not isinstance(specs, Iterable):
+            raise SpecError(f"MetricSchedule takes a list of specs, one per phase, such as [ll.freeze('body'), "
+                            f"ll.unfreeze()]; received {specs!r}")
+        items = tuple(specs)
+        if not items or not all(isinstance(s, Spec) for s in items):
+            raise SpecError(f"MetricSchedule needs at least one phase, each a layerlock.Spec; received {items!r}")
+        if rule is None:
+            rule = Plateau(**plateau)
+        elif plateau:
+            raise SpecError(f"give the rule as a Plateau or as its fields ({', '.join(sorted(plateau))}), not both")
+        if not isinstance(rule, Plateau):
+            raise SpecError(f"rule must be a layerlock.Plateau; received {rule!r}")
+        lrs = dict(lr or {})
+        unknown = sorted(set(lrs) - set(range(len(items))), key=str)
+        if unknown:
+            raise SpecError(f"lr given for phases {unknown}; the phases are numbered 0 to {len(items) - 1}")
+        phases = [Phase(i, s, lrs.get(i)) for i, s in enumerate(items)]  # checks each lr
+        object.__setattr__(self, "specs", items)
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "lr", tuple(p.lr for p in phases))
+
+    def schedule(self, starts: Sequence[int]) -> Schedule:
+        """The plain :class:`Schedule` of the phases begun at ``starts`` (phase k from epoch
+        ``starts[k]``; the first from 0).
+
+        >>> MetricSchedule([freeze()], monitor="loss").schedule([0]).phase_index(9)
+        0
+        """
+        if not 1 <= len(starts) <= len(self.specs):
+            raise SpecError(f"this schedule has {len(self.specs)} phases; received {len(starts)} start epochs")
+        return Schedule([Phase(e, s, lr) for e, s, lr in zip(starts, self.specs, self.lr)])
+
+    def to_dict(self) -> dict[str, Any]:
+        rule = {k: v for k, v in dataclasses.asdict(self.rule).items() if v != _RULE_DEFAULTS.get(k, object())}
+        return {"phases": [{"spec": s.to_dict(), **({"lr": lr} if lr else {})} for s, lr in zip(self.specs, self.lr)],
+                "rule": rule}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MetricSchedule:
+        """Inverse of :meth:`to_dict`; raises :class:`SpecError` naming the bad field."""
+        shape = "{'phases': [{'spec': {...}, 'lr'?: float}], 'rule': {'monitor': str, ...}}"
+        if not isinstance(data, Mapping) or set(data) != {"phases", "rule"} or not isinstance(data["phases"], list) \
+                or not isinstance(data["rule"], Mapping):
+            raise SpecError(f"a metric schedule dict is {shape}; received {data!r}")
+        fields = {f.name for f in dataclasses.fields(Plateau)}
+        if set(data["rule"]) - fields:
+            raise SpecError(f"rule has unknown keys {sorted(set(data['rule']) - fields)}; it takes {sorted(fields)}")
+        specs, lrs = [], {}
+        for i, item in enumerate(data["phases"]):
+            if not isinstance(item, Mapping) or not {"spec"} <= set(item) <= {"spec", "lr"}:
+                raise SpecError(f"phases[{i}] needs the key 'spec' (and optional 'lr'); received {item!r}")
+            try:
+                specs.append(Spec.from_dict(item["spec"]))
+            except SpecError as exc:
+                raise SpecError(f"phases[{i}]: {exc}") from None
+            if item.get("lr") is not None:
+                lrs[i] = item["lr"]
+        return cls(specs, Plateau(**data["rule"]), lr=lrs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> MetricSchedule:
+        try:
+            return cls.from_dict(json.loads(text))
+        except ValueError as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"metric schedule JSON could not be parsed: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> MetricSchedule:
+        """Read a metric schedule from ``.json`` or ``.yaml``/``.yml``."""
+        return cls.from_dict(load_data(path))
+
+    def save(self, path: str | Path) -> None:
+        dump_data(self.to_dict(), path)
+
+
+_RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Plateau) if f.name != "monitor"}

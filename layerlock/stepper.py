@@ -15,6 +15,7 @@ when training starts (:func:`warn_check`), the ``log=`` option they all take
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from .errors import LayerlockError, LayerlockWarning, SpecError
 from .operations import apply, check, plan
 from .resolver import BnPolicy, check_options
 from .results import Plan, Report
-from .schedule import Phase, Schedule
+from .schedule import MetricSchedule, Phase, Schedule
 from .spec import Spec
 
 
@@ -57,37 +58,80 @@ class PhaseStepper:
     True
     """
 
-    def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
+    def __init__(self, schedule: Schedule | MetricSchedule, *, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, unit: str = "epoch", owner: str = "FreezeScheduler") -> None:
-        if not isinstance(schedule, Schedule):
-            raise SpecError(f"{owner} needs a layerlock.Schedule such as ll.gradual(3); received "
-                            f"{schedule!r} ({type(schedule).__name__})")
+        if not isinstance(schedule, (Schedule, MetricSchedule)):
+            raise SpecError(f"{owner} needs a layerlock.Schedule such as ll.gradual(3), or a layerlock.MetricSchedule; "
+                            f"received {schedule!r} ({type(schedule).__name__})")
         check_options(Spec(), bn, frozen_mode)
-        self.schedule, self.unit, self.phase = schedule, unit, -1
+        self.given, self.unit, self.phase = schedule, unit, -1
+        self.tracker = PlateauTracker(schedule, owner) if isinstance(schedule, MetricSchedule) else None
+        self.reason = ""  # why the phase about to begin begins (a metric schedule's verdict)
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
+
+    @property
+    def schedule(self) -> Schedule:
+        """The schedule in force: the given one, or the phases of a metric schedule begun so far."""
+        return self.given if self.tracker is None else self.tracker.schedule()
+
+    @property
+    def phase_count(self) -> int:
+        return len(self.given.phases if isinstance(self.given, Schedule) else self.given.specs)
+
+    @property
+    def planned(self) -> Schedule:
+        """Every phase as a Schedule: the given one, or a metric schedule's phases one epoch
+        apart (what :meth:`check` plans and :func:`warn_check` counts)."""
+        return self.given if self.tracker is None else self.given.schedule(list(range(self.phase_count)))
 
     def check(self, model: Any) -> list[Plan]:
         """Plan every phase on ``model`` (changing nothing), so a pattern that matches
         nothing fails before training starts, not at epoch 7; the plans, one per phase."""
-        return [plan(model, self.schedule.spec_at(phase.epoch), **self.options) for phase in self.schedule.phases]
+        every = self.planned
+        return [plan(model, every.spec_at(phase.epoch), **self.options) for phase in every.phases]
+
+    def observe(self, at: int, metrics: Mapping[str, Any]) -> Verdict | None:
+        """A metric schedule's verdict on the metrics at the end of ``at`` (the next phase, if
+        they end this one, begins at ``at + 1``); None for a plain schedule."""
+        if self.tracker is None:
+            return None
+        verdict = self.tracker.observe(at, metrics)
+        if verdict.reason:
+            self.reason = verdict.reason
+        return verdict
 
     def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
         """Bring ``model`` to the phase in force at ``at``; the transition, or None."""
-        index = self.schedule.phase_index(at)
+        schedule = self.schedule
+        index = schedule.phase_index(at)
         if index == self.phase or index < 0:
             return None
-        result = apply(model, self.schedule.spec_at(at), **self.options)
-        phase = self.schedule.phases[index]
+        result = apply(model, schedule.spec_at(at), **self.options)
+        phase = schedule.phases[index]
         note = sync(phase, result) if sync is not None else ""
         self.phase = index
         change = [result.scalars(k) - result.scalars(k, after=False) for k in range(len(result.paths))]
         gained, lost = sum(d for d in change if d > 0), -sum(d for d in change if d < 0)
         total = result.trainable_scalars + result.frozen_scalars
         share = 100 * result.trainable_scalars / total if total else 0.0
-        message = (f"layerlock: {self.unit} {at}: phase {index + 1}/{len(self.schedule.phases)} "
-                   f"{phase.spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
+        reason, self.reason = self.reason, ""
+        message = (f"layerlock: {self.unit} {at}: {reason + ': ' if reason else ''}phase {index + 1}/"
+                   f"{self.phase_count} {phase.spec!r}: +{count(gained)} / -{count(lost)} trainable scalars, "
                    f"{count(result.trainable_scalars)} trainable ({share:.1f}%)" + (f"; {note}" if note else ""))
         return Transition(at, index, result, message)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The phase in force, the schedule and, for a metric schedule, its tracker's state."""
+        state = {"phase": self.phase, "schedule": self.given.to_dict()}
+        if self.tracker is not None:
+            state["plateau"] = self.tracker.state_dict()
+        return state
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Take a metric schedule's tracker state from a saved ``state`` (checked already by
+        :func:`check_saved_state`), so that :meth:`replay` knows when each phase began."""
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state.get("plateau", {}))
 
     def replay(self, model: Any, phase: int, sync: Callable[[Phase, Plan], str] | None = None) -> None:
         """Step silently through the phases up to index ``phase``, as the interrupted run
@@ -157,14 +201,17 @@ class LoopScheduler:
     (False, 0)
     """
 
-    def __init__(self, schedule: Schedule, model: Any, *, strict: bool = True, bn: BnPolicy = "follow",
-                 frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
-        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
+    def __init__(self, schedule: Schedule | MetricSchedule, model: Any, *, strict: bool = True,
+                 bn: BnPolicy = "follow", frozen_mode: str | None = None,
+                 log: Callable[[str], None] | None = print) -> None:
+        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                                    owner=f"{type(self).__module__}.{type(self).__name__}")
         self.schedule, self.model = schedule, model
         self.log = log_option(f"{type(self).__module__}.{type(self).__name__}", log)
         self.epoch = -1
         self._refuse(self.stepper.check(model))
         self._checked = False
+        self._best: Any = None  # restore_best: what the phase's best epoch left (framework's copy)
 
     def _refuse(self, plans: list[Plan]) -> None:
         """Refuse, before anything changes, phases this loop cannot carry out; ``plans`` are
@@ -175,14 +222,22 @@ class LoopScheduler:
         """Index of the phase in force (-1 before the first)."""
         return self.stepper.phase
 
-    def step(self, epoch: int) -> Plan | None:
-        """Bring the model to the phase in force at ``epoch``; return the plan on a change."""
+    def step(self, epoch: int, metrics: Mapping[str, Any] | None = None) -> Plan | None:
+        """Bring the model to the phase in force at ``epoch``; return the plan on a change.
+        With a :class:`~layerlock.MetricSchedule`, ``metrics`` are the previous epoch's (its
+        validation loss, say): the verdict on them decides whether a new phase begins now."""
+        if metrics is not None and epoch > self.epoch >= 0:
+            self._observe(epoch - 1, metrics)
+        elif self.stepper.tracker is not None and epoch > max(self.epoch, 0) and metrics is None:
+            raise SpecError(f"{type(self).__name__}: this schedule moves on when {self.stepper.tracker.rule.monitor!r} "
+                            f"stops improving, so step({epoch}, metrics={{...}}) needs the metrics of epoch "
+                            f"{epoch - 1}, such as metrics={{'{self.stepper.tracker.rule.monitor}': value}}")
         self.epoch = epoch
         change = self.stepper.step(self.model, epoch, self._sync)
         if not self._checked:  # the set-up as training starts: the first phase and its optimizer
             self._checked = True
             warn_check(self.model, getattr(self, "optimizer", None), getattr(self, "scheduler", None),
-                       bn=self.stepper.options["bn"], schedule=self.schedule)
+                       bn=self.stepper.options["bn"], schedule=self.stepper.planned)
         if change is None:
             return None
         if self.log is not None:
@@ -191,6 +246,33 @@ class LoopScheduler:
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         return ""
+
+    def _observe(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """The verdict on epoch ``epoch``'s metrics (reduced across processes by
+        :meth:`_reduce`); with ``restore_best``, the phase's best epoch is kept
+        (:meth:`_keep_best`) and brought back when the phase ends (:meth:`_restore_best`)."""
+        tracker = self.stepper.tracker
+        if tracker is None:
+            return
+        verdict = self.stepper.observe(epoch, {tracker.rule.monitor: self._reduce(tracker.value(metrics))})
+        if tracker.rule.restore_best:
+            if verdict is not None and verdict.best:
+                self._best = self._keep_best()
+            if verdict is not None and verdict.reason and self._best is not None:
+                self._restore_best(self._best)
+                self.stepper.reason += "; best epoch restored"
+                self._best = None
+
+    def _reduce(self, value: float) -> float:
+        """The monitored value every process decides on (one process: ``value``)."""
+        return value
+
+    def _keep_best(self) -> Any:
+        """A copy of what ``restore_best`` brings back (weights, optimizer, LR scheduler)."""
+        raise SpecError(f"{type(self).__name__} cannot restore the best epoch (restore_best=True)")
+
+    def _restore_best(self, kept: Any) -> None:
+        """Put back what :meth:`_keep_best` kept."""
 
     def structure(self) -> str | None:
         """The model's :func:`structure_digest`, which the state records and ``load_state_dict``
@@ -205,7 +287,7 @@ class LoopScheduler:
     def state_dict(self) -> dict[str, Any]:
         """The epoch last begun, the phase in force, the schedule and, where the framework's
         scheduler records it, the model's structure (:func:`structure_digest`)."""
-        state = {"epoch": self.epoch, "phase": self.phase, "schedule": self.schedule.to_dict()}
+        state = {"epoch": self.epoch, **self.stepper.state_dict()}
         structure = self.structure()
         if structure is not None:
             state["structure"] = structure
@@ -225,11 +307,12 @@ class LoopScheduler:
         layerlock.errors.LayerlockError: this FreezeScheduler state was saved with another schedule, ...
         """
         check_saved_state(state, self.schedule, self.structure())
+        self.stepper.load(state)
         self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]
 
 
-def check_saved_state(state: Any, schedule: Schedule, structure: str | None = None) -> None:
+def check_saved_state(state: Any, schedule: Schedule | MetricSchedule, structure: str | None = None) -> None:
     """Refuse with :class:`~layerlock.LayerlockError`, changing nothing, a freeze scheduler
     ``state`` that was not saved with ``schedule`` (or, given the model's
     :func:`structure_digest`, for a model of this ``structure``; a state that records no
@@ -256,18 +339,18 @@ def check_saved_state(state: Any, schedule: Schedule, structure: str | None = No
             f"shapes differ): saved {str(saved_as)[:12]}, this model {structure[:12]}. Load it into the "
             "architecture it was saved from. Nothing was changed.")
     try:
-        saved = Schedule.from_dict(state["schedule"])
+        saved = type(schedule).from_dict(state["schedule"])
     except SpecError as exc:
-        raise LayerlockError(f"this FreezeScheduler state holds no readable schedule: {exc}") from None
+        raise LayerlockError(f"this FreezeScheduler state holds no readable {type(schedule).__name__}: {exc}") from None
     if saved != schedule:
         raise LayerlockError(f"this FreezeScheduler state was saved with another schedule, {saved!r}; this "
                              f"scheduler runs {schedule!r}. Resume with a FreezeScheduler built with "
                              "the saved schedule (layerlock.Schedule.from_dict(state['schedule'])). "
                              "Nothing was changed.")
-    phase = state["phase"]
-    if not isinstance(phase, int) or not -1 <= phase < len(schedule.phases):
+    phase, count = state["phase"], len(schedule.phases if isinstance(schedule, Schedule) else schedule.specs)
+    if not isinstance(phase, int) or not -1 <= phase < count:
         raise LayerlockError(f"this FreezeScheduler state's phase is {phase!r}; its schedule has phases "
-                             f"0 to {len(schedule.phases) - 1} (-1: before the first)")
+                             f"0 to {count - 1} (-1: before the first)")
 
 
 def structure_digest(shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -285,3 +368,97 @@ def structure_digest(shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
     for path, shape in shapes:
         digest.update(f"{path}:{tuple(int(d) for d in shape)};".encode())
     return digest.hexdigest()
+
+
+class Verdict(NamedTuple):
+    """What one epoch's metric said (:meth:`PlateauTracker.observe`): whether it was the
+    phase's best so far, and, when it ends the phase, why (else ``""``)."""
+
+    best: bool
+    reason: str
+
+
+class PlateauTracker:
+    """The runtime of a :class:`~layerlock.MetricSchedule`: fed the metrics at the end of
+    each epoch, it decides when the next phase begins (the epoch after); :meth:`schedule` is
+    the plain Schedule of the phases begun so far. ``state_dict`` / ``load_state_dict`` carry
+    the phase, its start epochs, best value and wait count through a restart.
+
+    >>> import layerlock as ll
+    >>> t = PlateauTracker(ll.MetricSchedule([ll.freeze("body"), ll.unfreeze()], monitor="loss", patience=1))
+    >>> [t.observe(e, {"loss": v}).reason for e, v in enumerate([1.0, 0.5, 0.6])]
+    ['', '', 'loss did not improve on 0.5 (epoch 1) for 1 epoch']
+    >>> t.starts, t.schedule().phase_index(3)
+    ([0, 3], 1)
+    """
+
+    def __init__(self, schedule: MetricSchedule, owner: str = "FreezeScheduler") -> None:
+        self.metric_schedule, self.rule, self.owner = schedule, schedule.rule, owner
+        self.starts = [0]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.epochs = 0  # epochs observed in this phase
+
+    @property
+    def phase(self) -> int:
+        return len(self.starts) - 1
+
+    def schedule(self) -> Schedule:
+        return self.metric_schedule.schedule(self.starts)
+
+    def value(self, metrics: Mapping[str, Any]) -> float:
+        """The monitored metric in ``metrics`` as a float; SpecError naming the keys there are."""
+        monitor = self.rule.monitor
+        if not isinstance(metrics, Mapping) or monitor not in metrics:
+            keys = sorted(map(str, metrics)) if isinstance(metrics, Mapping) else type(metrics).__name__
+            raise SpecError(f"{self.owner}: the schedule monitors {monitor!r}, which the metrics do not have; they "
+                            f"have {keys}. Give Plateau(monitor=...) one of them, or log {monitor!r}.")
+        try:
+            return float(metrics[monitor])
+        except (TypeError, ValueError):
+            raise SpecError(f"{self.owner}: metric {monitor!r} must be a number; received "
+                            f"{metrics[monitor]!r}") from None
+
+    def observe(self, epoch: int, metrics: Mapping[str, Any]) -> Verdict:
+        """Record epoch ``epoch``'s metrics; when they end the phase, the next one begins at
+        ``epoch + 1``. In the last phase it only keeps the best value."""
+        value, rule = self.value(metrics), self.rule
+        if not math.isfinite(value):
+            warnings.warn(f"{self.owner}: {rule.monitor} = {value} at epoch {epoch} is not finite; counted as no "
+                          "improvement", LayerlockWarning, stacklevel=3)
+        self.epochs += 1
+        best = rule.improved(value, self.best)
+        if best:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+        else:
+            self.wait += 1
+        if self.phase == len(self.metric_schedule.specs) - 1:
+            return Verdict(best, "")
+        reason = ""
+        if rule.max_epochs is not None and self.epochs >= rule.max_epochs:
+            reason = f"phase ran its max_epochs={rule.max_epochs}"
+        elif not best and self.wait >= rule.patience and self.epochs >= rule.min_epochs:
+            by = f" by {rule.min_delta:g}" if rule.min_delta else ""
+            on = "no finite value yet" if self.best is None else f"{self.best:.6g} (epoch {self.best_epoch})"
+            reason = (f"{rule.monitor} did not improve{by} on {on} for {self.wait} epoch{'s' * (self.wait != 1)}")
+        if reason:
+            self.starts.append(epoch + 1)
+            self._reset()
+        return Verdict(best, reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"starts": list(self.starts), "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "epochs": self.epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        starts = state.get("starts") if isinstance(state, Mapping) else None
+        if not (isinstance(starts, list) and 1 <= len(starts) <= len(self.metric_schedule.specs)
+                and all(isinstance(e, int) for e in starts)):
+            raise LayerlockError(f"this metric schedule state has no readable phase starts: received {state!r}")
+        self.starts = list(starts)
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+        self.wait, self.epochs = int(state.get("wait", 0)), int(state.get("epochs", 0))
