@@ -56,7 +56,7 @@ from .jax import (GroupedTransformation, RatesState, RowTransformation, base_rat
 from .rate_table import check_rate, rates
 from .resolver import BnPolicy
 from .results import Plan, row_text
-from .schedule import Phase, Schedule
+from .schedule import MetricSchedule, Phase, Schedule
 from .stepper import LoopScheduler, structure_digest
 
 __all__ = ["trainable", "is_trainable", "param_groups", "train_rows", "sync_optimizer", "FreezeScheduler",
@@ -350,10 +350,11 @@ class FreezeScheduler(LoopScheduler):
     layerlock: epoch 2: phase 2/2 Spec(unfreeze()): +6 / -0 trainable scalars, 9 trainable (100.0%); optimizer +2 tensors at lr 0.01
     """
 
-    def __init__(self, schedule: Schedule, model: nnx.Module, optimizer: nnx.Optimizer[Any] | None = None, *,
-                 strict: bool = True, bn: BnPolicy = "follow", frozen_mode: str | None = None,
-                 log: Callable[[str], None] | None = print) -> None:
-        with_lr = [p for p in getattr(schedule, "phases", ()) if p.lr is not None]
+    def __init__(self, schedule: Schedule | MetricSchedule, model: nnx.Module,
+                 optimizer: nnx.Optimizer[Any] | None = None, *, strict: bool = True, bn: BnPolicy = "follow",
+                 frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
+        every = schedule.schedule(list(range(len(schedule.specs)))) if isinstance(schedule, MetricSchedule) else schedule
+        with_lr = [p for p in getattr(every, "phases", ()) if p.lr is not None]
         owner = "layerlock.flax.FreezeScheduler"
         given = "this schedule sets a phase lr (" + ", ".join(f"epoch {p.epoch}: lr={p.lr:g}" for p in with_lr) + ")"
         if with_lr and optimizer is None:
@@ -369,6 +370,26 @@ class FreezeScheduler(LoopScheduler):
 
     def structure(self) -> str:
         return structure_digest((path, np.shape(var.get_value())) for path, var in parameters(self.model).items())
+
+    def _reduce(self, value: float) -> float:
+        """The mean of the monitored value over JAX processes (one process: ``value``)."""
+        if jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return float(np.mean(multihost_utils.process_allgather(np.float64(value))))
+
+    def _keep_best(self) -> Any:
+        # Copies, not references: a jitted step that donates its buffers would free them.
+        def copied(state: Any) -> Any:
+            return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+        return copied(nnx.state(self.model)), None if self.optimizer is None else copied(nnx.state(self.optimizer))
+
+    def _restore_best(self, kept: Any) -> None:
+        weights, optimizer_state = kept
+        nnx.update(self.model, weights)
+        if optimizer_state is not None:
+            nnx.update(self.optimizer, optimizer_state)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

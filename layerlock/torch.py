@@ -12,13 +12,14 @@ freeze scheduler for plain loops. ``import layerlock.torch`` imports torch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
 
-from .backends.distributed import check_ranks, rebuild_ddp, rebuild_for, refuse_empty_phases, refuse_unrebuildable
 from .backends import torch_rows
+from .backends.distributed import check_ranks, rebuild_ddp, rebuild_for, refuse_empty_phases, refuse_unrebuildable
 from .backends.torch import TorchBackend
 from .backends.torch_internals import check_scheduler, extend_scheduler
 from .backends.wrappers import ddp_of, unwrap, unwrap_prepared
@@ -28,7 +29,7 @@ from .operations import apply
 from .rate_table import rates
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, Schedule
+from .schedule import MetricSchedule, Phase, Schedule
 from .spec import Spec
 from .stepper import LoopScheduler, PhaseStepper, Transition, structure_digest
 
@@ -217,7 +218,8 @@ class FreezeScheduler(LoopScheduler):
     model: torch.nn.Module
     """The model given, wrappers included: the one to train through."""
 
-    def __init__(self, schedule: Schedule, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    def __init__(self, schedule: Schedule | MetricSchedule, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None,
                  *, scheduler: Any = None, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print) -> None:
         refuse_unrebuildable(model)
@@ -228,7 +230,34 @@ class FreezeScheduler(LoopScheduler):
 
     def _refuse(self, plans: list[Plan]) -> None:
         if ddp_of(self.model) is not None:
-            refuse_empty_phases(self.schedule, plans)
+            refuse_empty_phases(self.stepper.planned, plans)
+
+    def _reduce(self, value: float) -> float:
+        """The mean of the monitored value over the processes (the DDP wrapper's group, else
+        the default one), so every rank takes the same decision; ``value`` on one process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        ddp = ddp_of(self.model)
+        group = None if ddp is None else ddp.process_group
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        total = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=group)
+        return float(total.item()) / dist.get_world_size(group)
+
+    def _keep_best(self) -> Any:
+        optimizer, scheduler = unwrap_prepared(self.optimizer), unwrap_prepared(self.scheduler)
+        return copy.deepcopy((self._module.state_dict(), None if optimizer is None else optimizer.state_dict(),
+                              None if scheduler is None else scheduler.state_dict()))
+
+    def _restore_best(self, kept: Any) -> None:
+        weights, optimizer_state, scheduler_state = kept
+        self._module.load_state_dict(weights)
+        if optimizer_state is not None:
+            unwrap_prepared(self.optimizer).load_state_dict(optimizer_state)
+        if scheduler_state is not None:
+            unwrap_prepared(self.scheduler).load_state_dict(scheduler_state)
 
     @property
     def _module(self) -> torch.nn.Module:

@@ -465,3 +465,45 @@ def rows_main(rank, world, port, queue):
         queue.put((rank, {"crash": traceback.format_exc()}))
     finally:
         dist.destroy_process_group()
+
+
+# -- a metric schedule under DDP: the ranks decide on the mean metric (tests/test_metric_schedule_loops.py) --
+
+def metric_values(rank):
+    """Rank 0 reports the recorded sequence, rank 1 one that keeps improving (by 0.012 an
+    epoch, more than min_delta): alone, each rank would move on at other epochs."""
+    from . import metric_table
+
+    return metric_table.VALUES if rank == 0 else [1.0 - 0.012 * e for e in range(len(metric_table.VALUES))]
+
+
+def metric_mean():
+    return [(a + b) / 2 for a, b in zip(metric_values(0), metric_values(1))]
+
+
+def metric_scenarios(rank):
+    from . import metric_table
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(body=nn.Linear(4, 8), act=nn.ReLU(), head=nn.Linear(8, 2)))
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    freezer = llt.FreezeScheduler(metric_table.schedule("body", "head"), ddp, optimizer, log=None)
+    values, phases, synced = metric_values(rank), [], True
+    for epoch in range(len(values)):
+        freezer.step(epoch, metrics={"val_loss": values[epoch - 1]} if epoch else None)
+        phases.append(freezer.phase)
+        synced &= train(ddp, model, 2, rank, start=10 * epoch)
+    return {"phases": phases, "in_sync": synced}
+
+
+def metric_main(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, metric_scenarios(rank)))
+    except Exception:
+        queue.put((rank, {"crash": traceback.format_exc()}))
+    finally:
+        dist.destroy_process_group()
