@@ -245,21 +245,29 @@ class MetricSchedule:
     the start, each next one from the epoch after the :class:`Plateau` rule ends the phase
     before; the last phase trains on. ``lr={phase index: rate}`` is each phase's ``lr``, as
     a :class:`Schedule`'s (the rate of what that phase makes trainable). Serialisable like a
-    Schedule; :meth:`schedule` gives the plain Schedule of the phases begun so far.
+    Schedule; :meth:`schedule` gives the plain Schedule of the phases begun so far. Given a
+    :class:`Schedule` (``ll.gradual(4)``), it takes its phases in order with their ``lr``.
 
     >>> s = MetricSchedule([freeze("body"), unfreeze()], monitor="val_loss", patience=2, lr={1: 1e-4})
     >>> s.schedule([0, 5])
     Schedule(phases=(Phase(epoch=0, spec=Spec(freeze('body')), lr=None), Phase(epoch=5, spec=Spec(unfreeze()), lr=0.0001)))
     >>> MetricSchedule.from_dict(s.to_dict()) == s
     True
+    >>> len(MetricSchedule(gradual(3, lr=1e-3), monitor="val_loss").specs)
+    3
     """
 
     specs: tuple[Spec, ...]
     rule: Plateau
     lr: tuple[float | None, ...]
 
-    def __init__(self, specs: Sequence[Spec], rule: Plateau | None = None, *, lr: Mapping[int, float] | None = None,
-                 **plateau: Any) -> None:
+    def __init__(self, specs: Sequence[Spec] | Schedule, rule: Plateau | None = None, *,
+                 lr: Mapping[int, float] | None = None, **plateau: Any) -> None:
+        if isinstance(specs, Schedule):  # its phases in order, with their lr: ll.gradual(...) on a metric
+            if lr is not None:
+                raise SpecError("give lr= or a Schedule whose phases carry their lr, not both")
+            lr = {i: p.lr for i, p in enumerate(specs.phases) if p.lr is not None}
+            specs = [p.spec for p in specs.phases]
         if isinstance(specs, (str, bytes, Spec, Mapping)) or not isinstance(specs, Iterable):
             raise SpecError(f"MetricSchedule takes a list of specs, one per phase, such as [ll.freeze('body'), "
                             f"ll.unfreeze()]; received {specs!r}")
