@@ -4,9 +4,10 @@
 variable (``lr_mult``, ``layer_decay``, ``no_decay`` mean what they mean in
 ``layerlock.torch``). :func:`sync_optimizer` brings the optimizer of a custom training loop in
 step after an ``apply``, like its torch namesake. :class:`FreezeScheduler` is a Keras callback
-that applies a :class:`~layerlock.Schedule` at the start of each epoch of ``fit``; the very
-next step trains the new set, and the optimizer keeps its state for variables that stay
-trainable.
+that applies a :class:`~layerlock.Schedule` (or a :class:`~layerlock.MetricSchedule`, whose
+phases move on when a metric in ``logs`` stops improving) at the start of each epoch of
+``fit``; the very next step trains the new set, and the optimizer keeps its state for
+variables that stay trainable.
 
 >>> import keras, layerlock as ll, layerlock.keras as llk
 >>> callback = llk.FreezeScheduler(ll.gradual(3), log=None)   # model.fit(..., callbacks=[callback])
@@ -15,6 +16,7 @@ trainable.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,11 +25,11 @@ import keras
 from .backends import get_backend
 from .backends import keras_internals as internals
 from .backends.keras import KerasBackend, TfKerasBackend, compiled_optimizer, short_name
-from .errors import BackendError, LayerlockError, SpecError
+from .errors import BackendError, LayerlockError, LayerlockWarning, SpecError
 from .rate_table import check_rate, rates
 from .resolver import BnPolicy
 from .results import Plan
-from .schedule import Phase, Schedule
+from .schedule import MetricSchedule, Phase, Schedule
 from .stepper import PhaseStepper, check_saved_state, log_option, structure_digest, warn_check
 
 __all__ = ["FreezeScheduler", "KerasBackend", "TfKerasBackend", "param_groups", "structure_fingerprint",
@@ -210,6 +212,35 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     checked once with :func:`layerlock.check`; what it finds comes as one
     :class:`~layerlock.LayerlockWarning` with the report's table.
 
+    With a :class:`~layerlock.MetricSchedule` the phases move on when a metric stops
+    improving: at each epoch's end the callback reads ``rule.monitor`` from ``logs`` (what
+    ``fit`` logs, ``val_loss`` with validation data, or what a callback placed before this
+    one puts there; a monitor ``logs`` lacks raises :class:`~layerlock.SpecError` at the
+    first epoch end, naming the keys it has), and when the :class:`~layerlock.Plateau` rule
+    ends the phase, the next one is applied at the next epoch's begin, its log line starting
+    with the values that decided it. ``lr={phase: rate}`` is each phase's ``lr`` as above.
+    With ``restore_best=True`` the callback keeps an in-memory copy of the model's weights and
+    the compiled optimizer's variables (its slots and ``iterations``, so a Keras LR schedule's
+    position too) at each new best epoch of a phase, and at the transition puts them back
+    before the next phase is applied. The tracker's state (phase starts, best value, wait
+    count) is part of ``state_dict()`` and of the BackupAndRestore record (where this callback
+    must come before the BackupAndRestore, so the backup at an epoch's end holds the verdict
+    on it); the best epoch's copy is not, and a resumed run restores it only when it resumes
+    right after that epoch (otherwise it warns).
+
+    >>> import keras, layerlock as ll
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="body"),
+    ...                           keras.layers.Dense(1, name="head")])
+    >>> rule = ll.MetricSchedule([ll.freeze("body"), ll.unfreeze()], monitor="val_loss", patience=1)
+    >>> callback = FreezeScheduler(rule, log=print)
+    >>> callback.set_model(model); callback.on_train_begin()
+    >>> for epoch, val_loss in enumerate([1.0, 0.5, 0.6]):   # what fit does: logs at each epoch's end
+    ...     callback.on_epoch_begin(epoch)
+    ...     callback.on_epoch_end(epoch, {"loss": 0.1, "val_loss": val_loss})
+    layerlock: epoch 0: phase 1/2 Spec(freeze('body')): +0 / -6 trainable scalars, 3 trainable (33.3%)
+    >>> callback.on_epoch_begin(3)
+    layerlock: epoch 3: val_loss did not improve on 0.5 (epoch 1) for 1 epoch: phase 2/2 Spec(unfreeze()): +6 / -0 trainable scalars, 9 trainable (100.0%)
+
     Resuming: ``fit(initial_epoch=e)`` applies the cumulative spec for epoch ``e`` by itself.
     ``state_dict()`` / ``load_state_dict(state)`` carry the phase across processes, as in
     the torch and NNX loop schedulers: on restart, ``set_model(model)`` (the model loaded
@@ -243,16 +274,20 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     ``DeprecationWarning``; ``verbose=0`` is ``log=None``.
     """
 
-    def __init__(self, schedule: Schedule, *, strict: bool = True, bn: BnPolicy = "follow",
+    def __init__(self, schedule: Schedule | MetricSchedule, *, strict: bool = True, bn: BnPolicy = "follow",
                  frozen_mode: str | None = None, log: Callable[[str], None] | None = print,
                  verbose: int | bool | None = None) -> None:
         super().__init__()
-        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode)
+        self.stepper = PhaseStepper(schedule, strict=strict, bn=bn, frozen_mode=frozen_mode,
+                                    owner="layerlock.keras.FreezeScheduler")
         self.schedule = schedule
         self.log = log_option("layerlock.keras.FreezeScheduler", log, verbose)
         self.epoch = -1
         self._checked = False
-        self._rated = any(p.lr is not None for p in schedule.phases)
+        lrs = schedule.lr if isinstance(schedule, MetricSchedule) else [p.lr for p in schedule.phases]
+        self._rated = any(lr is not None for lr in lrs)
+        self._best: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] | None = None  # restore_best's copy
+        self._best_at_begin = False
 
     @property
     def phase(self) -> int:
@@ -268,11 +303,61 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epoch = epoch
         change = self.stepper.step(self.model, epoch, self._sync)
+        if self._best_at_begin:  # resumed at the end of the phase's best epoch (see _restore)
+            self._best_at_begin = False
+            self._best = self._keep_best()
         if not self._checked:
             self._checked = True
-            warn_check(self.model, bn=self.stepper.options["bn"], schedule=self.schedule)
+            warn_check(self.model, bn=self.stepper.options["bn"], schedule=self.stepper.planned)
         if change is not None and self.log is not None:
             self.log(change.message)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """With a :class:`~layerlock.MetricSchedule`, judge the epoch's ``logs``: when they end
+        the phase, the next one begins at the next ``on_epoch_begin`` (with ``restore_best``,
+        from the phase's best epoch, put back here). A monitor ``logs`` lacks raises
+        :class:`~layerlock.SpecError` naming the keys it has."""
+        tracker = self.stepper.tracker
+        if tracker is None:
+            return
+        keep = tracker.rule.restore_best and tracker.phase < self.stepper.phase_count - 1
+        verdict = self.stepper.observe(epoch, logs if logs is not None else {})
+        if not keep or verdict is None:
+            return
+        if verdict.best:
+            self._best = self._keep_best()
+        if verdict.reason:
+            if self._best is not None:
+                self._restore_best(self._best)
+                self.stepper.reason += "; best epoch restored"
+            self._best = None
+
+    def _keep_best(self) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+        """(variable, value) copies of the model's weights and the compiled optimizer's
+        variables (its slots, ``iterations`` and so the position of an LR schedule)."""
+        optimizer = compiled_optimizer(self.model)
+        variables = [] if optimizer is None else list(optimizer.variables)
+
+        def copy(vs: Iterable[Any]) -> list[tuple[Any, Any]]:
+            return [(v, keras.ops.convert_to_numpy(v.value).copy()) for v in vs]
+
+        return copy(self.model.weights), copy(variables)
+
+    def _restore_best(self, kept: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]) -> None:
+        """Put back what :meth:`_keep_best` copied. The copy was taken in the phase now
+        ending, so the optimizer has the same variables (a phase change syncs them, and it
+        has not happened yet); anything else is refused before anything is assigned."""
+        weights, slots = kept
+        optimizer = compiled_optimizer(self.model)
+        now = [] if optimizer is None else list(optimizer.variables)
+        if [id(v) for v in now] != [id(v) for v, _ in slots] or \
+                [id(v) for v in self.model.weights] != [id(v) for v, _ in weights]:
+            raise LayerlockError(
+                f"restore_best: the model's weights or the optimizer's variables changed since the phase's best epoch "
+                f"(optimizer: {len(slots)} variables then, {len(now)} now), so that epoch cannot be put back. Leave "
+                "the model and its optimizer to the FreezeScheduler within a phase, or use restore_best=False.")
+        for variable, value in weights + slots:
+            variable.assign(value)
 
     def _rate_target(self, model: Any) -> Any:
         """The compiled optimizer that is to carry the phases' rates, checked (changes nothing)."""
@@ -314,10 +399,11 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         return model
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch last begun, the phase in force, the schedule and the model's structure."""
+        """The epoch last begun, the phase in force, the schedule, the model's structure and,
+        for a :class:`~layerlock.MetricSchedule`, its tracker's state (``"plateau"``: the
+        phases' start epochs, the best value and the wait count)."""
         model = self._bound_model("state_dict")
-        return {"epoch": self.epoch, "phase": self.stepper.phase, "schedule": self.schedule.to_dict(),
-                "structure": structure_fingerprint(model)}
+        return {"epoch": self.epoch, **self.stepper.state_dict(), "structure": structure_fingerprint(model)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Bring the model to the saved phase (trainable set, optimizer slots, the phases'
@@ -338,11 +424,24 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
                                  f"wrote it, or delete {backup.backup_dir} to start over.") from None
 
     def _restore(self, model: Any, state: Mapping[str, Any]) -> None:
+        self.stepper.load(state)  # a metric schedule's phase starts, best value and wait count (checked there)
         self.stepper.check(model)
         if self._rated:
             internals.upgrade(self._rate_target(model))
         self.stepper.replay(model, state["phase"], self._sync)
         self.epoch = state["epoch"]
+        self._best, self._best_at_begin = None, False
+        tracker = self.stepper.tracker
+        if tracker is None or not tracker.rule.restore_best or tracker.best_epoch is None \
+                or tracker.phase == self.stepper.phase_count - 1:
+            return
+        if tracker.best_epoch == self.epoch:  # the weights resumed from are the best epoch's: copied when it begins
+            self._best_at_begin = True
+        else:
+            warnings.warn(f"layerlock.keras.FreezeScheduler: restore_best keeps the best epoch of a phase in memory, "
+                          f"and this run resumes after it (epoch {tracker.best_epoch}, resumed after epoch "
+                          f"{self.epoch}): if the phase ends before a new best, the next phase starts from the last "
+                          "epoch's weights, not the best one's", LayerlockWarning, stacklevel=3)
 
     # -- resuming with keras.callbacks.BackupAndRestore -----------------------------------
 
@@ -359,7 +458,17 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         True
         """
         super().set_model(model)
-        backups = [c for c in internals.fit_callbacks(self) or () if isinstance(c, keras.callbacks.BackupAndRestore)]
+        callbacks = internals.fit_callbacks(self) or []
+        backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
+        mine = next(i for i, c in enumerate(callbacks) if c is self) if backups else 0
+        early = [c for c in callbacks[:mine] if isinstance(c, keras.callbacks.BackupAndRestore)
+                 and getattr(c, "save_freq", None) == "epoch"]
+        if self.stepper.tracker is not None and early:
+            raise SpecError(f"a FreezeScheduler with a MetricSchedule must come before keras.callbacks."
+                            f"BackupAndRestore({str(early[0].backup_dir)!r}) in callbacks: the backup written at an "
+                            "epoch's end must hold the verdict on that epoch's logs, which the FreezeScheduler "
+                            "takes in its on_epoch_end; received the backup first. Put the FreezeScheduler "
+                            "before it (callbacks=[scheduler, backup]).")
         for backup in backups:
             state = self._backup_state(backup)
             if state is not None:

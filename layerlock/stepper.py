@@ -65,7 +65,7 @@ class PhaseStepper:
                             f"received {schedule!r} ({type(schedule).__name__})")
         check_options(Spec(), bn, frozen_mode)
         self.given, self.unit, self.phase = schedule, unit, -1
-        self.tracker = PlateauTracker(schedule, owner) if isinstance(schedule, MetricSchedule) else None
+        self.tracker = PlateauTracker(schedule, owner, unit) if isinstance(schedule, MetricSchedule) else None
         self.reason = ""  # why the phase about to begin begins (a metric schedule's verdict)
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
 
@@ -125,6 +125,8 @@ class PhaseStepper:
         state = {"phase": self.phase, "schedule": self.given.to_dict()}
         if self.tracker is not None:
             state["plateau"] = self.tracker.state_dict()
+            if self.reason:  # decided, not begun yet: the next phase's log line still says why
+                state["reason"] = self.reason
         return state
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -132,13 +134,16 @@ class PhaseStepper:
         :func:`check_saved_state`), so that :meth:`replay` knows when each phase began."""
         if self.tracker is not None:
             self.tracker.load_state_dict(state.get("plateau", {}))
+            self.reason = state.get("reason", "")
 
     def replay(self, model: Any, phase: int, sync: Callable[[Phase, Plan], str] | None = None) -> None:
         """Step silently through the phases up to index ``phase``, as the interrupted run
         did, so a resumed run has the same trainable set and optimizer layout before its
         optimizer state is loaded."""
+        pending = self.reason  # a decided phase that has not begun keeps its reason
         for p in self.schedule.phases[: phase + 1]:
             self.step(model, p.epoch, sync)
+        self.reason = pending
 
 
 def warn_check(model: Any, optimizer: Any = None, scheduler: Any = None, *, bn: BnPolicy = "follow",
@@ -212,6 +217,7 @@ class LoopScheduler:
         self._refuse(self.stepper.check(model))
         self._checked = False
         self._best: Any = None  # restore_best: what the phase's best epoch left (framework's copy)
+        self.observed = -1  # the last epoch whose metrics a metric schedule has judged
 
     def _refuse(self, plans: list[Plan]) -> None:
         """Refuse, before anything changes, phases this loop cannot carry out; ``plans`` are
@@ -226,12 +232,14 @@ class LoopScheduler:
         """Bring the model to the phase in force at ``epoch``; return the plan on a change.
         With a :class:`~layerlock.MetricSchedule`, ``metrics`` are the previous epoch's (its
         validation loss, say): the verdict on them decides whether a new phase begins now."""
-        if metrics is not None and epoch > self.epoch >= 0:
-            self._observe(epoch - 1, metrics)
-        elif self.stepper.tracker is not None and epoch > max(self.epoch, 0) and metrics is None:
-            raise SpecError(f"{type(self).__name__}: this schedule moves on when {self.stepper.tracker.rule.monitor!r} "
-                            f"stops improving, so step({epoch}, metrics={{...}}) needs the metrics of epoch "
-                            f"{epoch - 1}, such as metrics={{'{self.stepper.tracker.rule.monitor}': value}}")
+        tracker = self.stepper.tracker
+        if tracker is not None and 0 < epoch and self.observed < epoch - 1:
+            if metrics is None:
+                raise SpecError(f"{type(self).__name__}: this schedule moves on when {tracker.rule.monitor!r} stops "
+                                f"improving, so step({epoch}, metrics={{...}}) needs the metrics of epoch {epoch - 1}, "
+                                f"such as metrics={{'{tracker.rule.monitor}': value}} (or call end_epoch({epoch - 1}, "
+                                "metrics) when the epoch ends)")
+            self.end_epoch(epoch - 1, metrics)
         self.epoch = epoch
         change = self.stepper.step(self.model, epoch, self._sync)
         if not self._checked:  # the set-up as training starts: the first phase and its optimizer
@@ -247,13 +255,16 @@ class LoopScheduler:
     def _sync(self, phase: Phase, plan: Plan) -> str:
         return ""
 
-    def _observe(self, epoch: int, metrics: Mapping[str, Any]) -> None:
-        """The verdict on epoch ``epoch``'s metrics (reduced across processes by
-        :meth:`_reduce`); with ``restore_best``, the phase's best epoch is kept
+    def end_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """A :class:`~layerlock.MetricSchedule`'s verdict on the metrics at the end of
+        ``epoch`` (what ``step(epoch + 1, metrics=...)`` does first; a plain schedule ignores
+        them): the mean over the processes decides, and a phase it ends is followed by the next
+        at ``step(epoch + 1)``. With ``restore_best``, the phase's best epoch is kept
         (:meth:`_keep_best`) and brought back when the phase ends (:meth:`_restore_best`)."""
         tracker = self.stepper.tracker
-        if tracker is None:
+        if tracker is None or epoch <= self.observed:
             return
+        self.observed = epoch
         verdict = self.stepper.observe(epoch, {tracker.rule.monitor: self._reduce(tracker.value(metrics))})
         if tracker.rule.restore_best:
             if verdict is not None and verdict.best:
@@ -288,6 +299,10 @@ class LoopScheduler:
         """The epoch last begun, the phase in force, the schedule and, where the framework's
         scheduler records it, the model's structure (:func:`structure_digest`)."""
         state = {"epoch": self.epoch, **self.stepper.state_dict()}
+        if self.stepper.tracker is not None:
+            state["observed"] = self.observed
+            if self._best is not None:  # restore_best after a resume needs the phase's best epoch
+                state["best_state"] = self._best
         structure = self.structure()
         if structure is not None:
             state["structure"] = structure
@@ -310,6 +325,7 @@ class LoopScheduler:
         self.stepper.load(state)
         self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]
+        self.observed, self._best = state.get("observed", self.epoch - 1), state.get("best_state")
 
 
 def check_saved_state(state: Any, schedule: Schedule | MetricSchedule, structure: str | None = None) -> None:
@@ -351,6 +367,13 @@ def check_saved_state(state: Any, schedule: Schedule | MetricSchedule, structure
     if not isinstance(phase, int) or not -1 <= phase < count:
         raise LayerlockError(f"this FreezeScheduler state's phase is {phase!r}; its schedule has phases "
                              f"0 to {count - 1} (-1: before the first)")
+    if isinstance(schedule, MetricSchedule):
+        plateau = state.get("plateau")
+        starts = plateau.get("starts") if isinstance(plateau, Mapping) else None
+        if not isinstance(starts, list) or not len(starts) - 2 <= phase <= len(starts) - 1:
+            raise LayerlockError(f"this FreezeScheduler state's phase {phase!r} does not fit its metric schedule's "
+                                 f"phase starts {starts!r}: the phase in force is the last begun (or the one before, "
+                                 "saved between a verdict and the next epoch)")
 
 
 def structure_digest(shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -392,8 +415,8 @@ class PlateauTracker:
     ([0, 3], 1)
     """
 
-    def __init__(self, schedule: MetricSchedule, owner: str = "FreezeScheduler") -> None:
-        self.metric_schedule, self.rule, self.owner = schedule, schedule.rule, owner
+    def __init__(self, schedule: MetricSchedule, owner: str = "FreezeScheduler", unit: str = "epoch") -> None:
+        self.metric_schedule, self.rule, self.owner, self.unit = schedule, schedule.rule, owner, unit
         self.starts = [0]
         self._reset()
 
@@ -440,11 +463,12 @@ class PlateauTracker:
             return Verdict(best, "")
         reason = ""
         if rule.max_epochs is not None and self.epochs >= rule.max_epochs:
-            reason = f"phase ran its max_epochs={rule.max_epochs}"
+            reason = f"the phase ran its max_epochs={rule.max_epochs}"
         elif not best and self.wait >= rule.patience and self.epochs >= rule.min_epochs:
             by = f" by {rule.min_delta:g}" if rule.min_delta else ""
-            on = "no finite value yet" if self.best is None else f"{self.best:.6g} (epoch {self.best_epoch})"
-            reason = (f"{rule.monitor} did not improve{by} on {on} for {self.wait} epoch{'s' * (self.wait != 1)}")
+            on = "no finite value yet" if self.best is None else f"{self.best:.6g} ({self.unit} {self.best_epoch})"
+            counted = "epoch" if self.unit == "epoch" else "evaluation"
+            reason = f"{rule.monitor} did not improve{by} on {on} for {self.wait} {counted}{'s' * (self.wait != 1)}"
         if reason:
             self.starts.append(epoch + 1)
             self._reset()

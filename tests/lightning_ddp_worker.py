@@ -201,6 +201,68 @@ def resume(out):
     (Path(out) / "resume" / f"rank{rank}.json").write_text(json.dumps(record))
 
 
+# For ``metric``: the val_loss each rank logs (no sync_dist), epoch by epoch. Alone, rank 0
+# would begin phase 1 at epoch 4 and phase 2 at 7, rank 1 phase 1 at 7; their mean begins
+# phase 1 at 7 (tests/test_metric_schedule_lightning.py works this out again).
+METRIC_VALUES = ([1.0, 0.8, 0.80, 0.80, 0.7, 0.70, 0.70, 0.5, 0.4, 0.3],
+                 [1.0, 0.8, 0.76, 0.80, 0.7, 0.74, 0.72, 0.5, 0.4, 0.3])
+
+
+class MetricModule(pl.LightningModule):
+    """A body -> head module whose validation logs ``METRIC_VALUES[rank][epoch]`` as val_loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
+
+    def validation_step(self, batch, _):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.log("val_loss", METRIC_VALUES[self.global_rank][self.current_epoch])  # this rank's own value
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+class PhaseRecord(pl.Callback):
+    """Per epoch, the phase in force and the parameter digests at its end."""
+
+    def __init__(self, freezer):
+        self.freezer, self.phases, self.ends = freezer, [], []
+
+    def on_train_epoch_start(self, trainer, module):  # after the FreezeScheduler's (callback order)
+        self.phases.append(self.freezer.loop.phase)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.ends.append(digests(module))
+
+
+def metric(out):
+    """A metric schedule (tests/metric_table.schedule on body/head) under ``ddp`` for 10 epochs,
+    each rank logging its own val_loss; writes ``OUT/metric/rank<r>.json``: the phase of every
+    epoch, the phase starts, the parameter digests at each epoch end and the log lines."""
+    from tests import metric_table
+
+    lines = []
+    freezer = FreezeScheduler(metric_table.schedule("body", "head"), log=lines.append)
+    record = PhaseRecord(freezer)
+    data = torch.utils.data.TensorDataset(torch.ones(4, 4), torch.zeros(4, dtype=torch.long))
+    run = pl.Trainer(max_epochs=len(METRIC_VALUES[0]), accelerator="cpu", devices=2, strategy="ddp",
+                     callbacks=[freezer, record], enable_progress_bar=False, logger=False,
+                     enable_model_summary=False, enable_checkpointing=False)  # with the sanity check
+    run.fit(MetricModule(), loader(), torch.utils.data.DataLoader(data, batch_size=2))
+    (Path(out) / "metric").mkdir(parents=True, exist_ok=True)
+    (Path(out) / "metric" / f"rank{run.global_rank}.json").write_text(json.dumps(
+        {"world": run.world_size, "phases": record.phases, "starts": freezer.loop.stepper.tracker.starts,
+         "ends": record.ends, "lines": lines}))
+
+
 if __name__ == "__main__":
     for name in sys.argv[1].split(","):
-        main(name, sys.argv[2])
+        metric(sys.argv[2]) if name == "metric" else main(name, sys.argv[2])

@@ -61,7 +61,7 @@ def test_min_and_max_epochs_bound_each_phase_and_mode_max_looks_up():
     reasons = [tracker.observe(e, {"acc": v}).reason for e, v in enumerate([0.5, 0.4, 0.3, 0.6, 0.7, 0.8, 0.9])]
     assert tracker.starts == [0, 2, 5]
     assert reasons[1] == "acc did not improve on 0.5 (epoch 0) for 1 epoch"   # patience 0, after min_epochs 2
-    assert reasons[4] == "phase ran its max_epochs=3"
+    assert reasons[4] == "the phase ran its max_epochs=3"
 
 
 def test_a_nan_metric_counts_as_no_improvement_with_a_warning():
