@@ -380,16 +380,18 @@ class FreezeScheduler(LoopScheduler):
         return float(np.mean(multihost_utils.process_allgather(np.float64(value))))
 
     def _keep_best(self) -> Any:
-        # Copies, not references: a jitted step that donates its buffers would free them.
-        def copied(state: Any) -> Any:
-            return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-        return copied(nnx.state(self.model)), None if self.optimizer is None else copied(nnx.state(self.optimizer))
+        # numpy copies of the pure state: a jitted step that donates its buffers cannot free
+        # them, and the scheduler's state_dict() (which carries them) pickles.
+        def kept(node: Any) -> Any:
+            return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(node)))
+        return kept(self.model), None if self.optimizer is None else kept(self.optimizer)
 
     def _restore_best(self, kept: Any) -> None:
-        weights, optimizer_state = kept
-        nnx.update(self.model, weights)
-        if optimizer_state is not None:
-            nnx.update(self.optimizer, optimizer_state)
+        for node, pure in zip((self.model, self.optimizer), kept):
+            if pure is not None:
+                state = nnx.state(node)
+                nnx.replace_by_pure_dict(state, pure)
+                nnx.update(node, state)
 
     def _sync(self, phase: Phase, plan: Plan) -> str:
         if self.optimizer is None:

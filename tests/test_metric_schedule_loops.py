@@ -191,3 +191,42 @@ def test_the_recorded_sequence_gives_the_table_phases_in_an_nnx_loop(restore_bes
         assert all(np.array_equal(seen[4][k], seen[2][k]) for k in seen[2])
     else:
         assert not np.array_equal(seen[4]["head.kernel"], seen[2]["head.kernel"])
+
+
+def test_a_resumed_nnx_loop_with_restore_best_ends_as_the_uninterrupted_one():
+    import pickle
+
+    import numpy as np
+    import optax
+    from flax import serialization
+
+    schedule = metric_table.schedule("body", "head", restore_best=True)
+
+    def start():
+        model = NnxNet()
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=llf.trainable)
+        return model, optimizer, llf.FreezeScheduler(schedule, model, optimizer, log=None)
+
+    def run(model, optimizer, freezer, epochs):
+        for epoch in epochs:
+            freezer.step(epoch, metrics={metric_table.MONITOR: metric_table.VALUES[epoch - 1]} if epoch else None)
+            nnx_epoch(model, optimizer, epoch)
+
+    whole = start()
+    run(*whole, range(10))
+    model, optimizer, freezer = start()
+    run(model, optimizer, freezer, range(6))  # stopped after epoch 5: phase 1, its best epoch (4) kept
+    saved = pickle.dumps({"model": serialization.to_bytes(nnx.to_pure_dict(nnx.state(model))),
+                          "optimizer": pickle.dumps(nnx.to_pure_dict(nnx.state(optimizer))),
+                          "freezer": freezer.state_dict()})
+    loaded = pickle.loads(saved)
+    model, optimizer, freezer = start()
+    freezer.load_state_dict(loaded["freezer"])  # replays phase 1: the optimizer takes the body in
+    for node, pure in ((optimizer, pickle.loads(loaded["optimizer"])),
+                       (model, serialization.from_bytes(nnx.to_pure_dict(nnx.state(model)), loaded["model"]))):
+        state = nnx.state(node)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(node, state)
+    run(model, optimizer, freezer, range(6, 10))  # epoch 6 ends phase 1: the kept epoch 4 comes back
+    assert freezer.stepper.tracker.state_dict() == whole[2].stepper.tracker.state_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(nnx_weights(model).values(), nnx_weights(whole[0]).values()))
