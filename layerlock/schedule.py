@@ -184,12 +184,23 @@ def _count(value: Any, what: str, *, low: int = 0, none: bool = False) -> int | 
     return int(value)
 
 
+def _per_phase(value: Any, what: str, *, low: int, none: bool) -> Any:
+    """One count for every phase, or a tuple of one per phase."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise SpecError(f"{what} must be an int or a non-empty list of them, one per phase; received {value!r}")
+        return tuple(_count(v, f"{what}[{i}]", low=low, none=none) for i, v in enumerate(value))
+    return _count(value, what, low=low, none=none)
+
+
 @dataclass(frozen=True)
 class Plateau:
     """When a :class:`MetricSchedule` moves on: its phase ends once ``monitor`` has not
     improved (by more than ``min_delta``, downwards for ``mode="min"``, upwards for
     ``"max"``) for ``patience`` epochs in a row, and not before the phase has run
-    ``min_epochs`` epochs; it ends after ``max_epochs`` epochs whatever the metric does.
+    ``min_epochs`` epochs; it ends after ``max_epochs`` epochs whatever the metric does. Each
+    of the two is one number for every phase or a list with one per phase (``None`` in
+    ``max_epochs``: no bound for that phase).
     Each phase is judged on its own: its best value and wait count start afresh.
     ``restore_best``: at a transition, bring back the weights, optimizer and LR scheduler
     state of the phase's best epoch before the next phase starts. A metric that is NaN or
@@ -203,8 +214,8 @@ class Plateau:
     mode: str = "min"
     patience: int = 3
     min_delta: float = 0.0
-    min_epochs: int = 0
-    max_epochs: int | None = None
+    min_epochs: int | tuple[int, ...] = 0
+    max_epochs: int | tuple[int | None, ...] | None = None
     restore_best: bool = False
 
     def __post_init__(self) -> None:
@@ -218,13 +229,30 @@ class Plateau:
                 or not math.isfinite(self.min_delta) or self.min_delta < 0:
             raise SpecError(f"min_delta must be a finite number >= 0; received {self.min_delta!r}")
         object.__setattr__(self, "min_delta", float(self.min_delta))
-        object.__setattr__(self, "min_epochs", _count(self.min_epochs, "min_epochs"))
-        object.__setattr__(self, "max_epochs", _count(self.max_epochs, "max_epochs", low=1, none=True))
-        if self.max_epochs is not None and self.max_epochs < self.min_epochs:
-            raise SpecError(f"max_epochs ({self.max_epochs}) is below min_epochs ({self.min_epochs}): a phase "
-                            "could never end on its metric")
+        object.__setattr__(self, "min_epochs", _per_phase(self.min_epochs, "min_epochs", low=0, none=False))
+        object.__setattr__(self, "max_epochs", _per_phase(self.max_epochs, "max_epochs", low=1, none=True))
+        lengths = {len(v) for v in (self.min_epochs, self.max_epochs) if isinstance(v, tuple)}
+        if len(lengths) > 1:
+            raise SpecError(f"min_epochs and max_epochs give {' and '.join(map(str, sorted(lengths)))} phases; give "
+                            "one value per phase in each, or one number")
+        for phase in range(max(lengths, default=1)):
+            low, high = self.bounds(phase)
+            if high is not None and high < low:
+                where = f" for phase {phase}" if lengths else ""
+                raise SpecError(f"max_epochs ({high}) is below min_epochs ({low}){where}: the phase could never "
+                                "end on its metric")
         if not isinstance(self.restore_best, bool):
             raise SpecError(f"restore_best must be True or False; received {self.restore_best!r}")
+
+    def bounds(self, phase: int) -> tuple[int, int | None]:
+        """``(min_epochs, max_epochs)`` of phase ``phase``.
+
+        >>> Plateau("loss", min_epochs=1, max_epochs=[3, None]).bounds(1)
+        (1, None)
+        """
+        def of(value: Any) -> Any:
+            return value[min(phase, len(value) - 1)] if isinstance(value, tuple) else value
+        return of(self.min_epochs), of(self.max_epochs)
 
     def improved(self, value: float, best: float | None) -> bool:
         """Whether ``value`` beats ``best`` by more than ``min_delta`` (any finite value beats None).
@@ -280,6 +308,11 @@ class MetricSchedule:
             raise SpecError(f"give the rule as a Plateau or as its fields ({', '.join(sorted(plateau))}), not both")
         if not isinstance(rule, Plateau):
             raise SpecError(f"rule must be a layerlock.Plateau; received {rule!r}")
+        for what in ("min_epochs", "max_epochs"):
+            value = getattr(rule, what)
+            if isinstance(value, tuple) and len(value) != len(items):
+                raise SpecError(f"{what} gives {len(value)} values and the schedule has {len(items)} phases; give "
+                                "one per phase, or one number for all")
         lrs = dict(lr or {})
         unknown = sorted(set(lrs) - set(range(len(items))), key=str)
         if unknown:
@@ -301,7 +334,8 @@ class MetricSchedule:
         return Schedule([Phase(e, s, lr) for e, s, lr in zip(starts, self.specs, self.lr)])
 
     def to_dict(self) -> dict[str, Any]:
-        rule = {k: v for k, v in dataclasses.asdict(self.rule).items() if v != _RULE_DEFAULTS.get(k, object())}
+        rule = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.rule).items()
+                if v != _RULE_DEFAULTS.get(k, object())}
         return {"phases": [{"spec": s.to_dict(), **({"lr": lr} if lr else {})} for s, lr in zip(self.specs, self.lr)],
                 "rule": rule}
 

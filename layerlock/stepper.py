@@ -461,10 +461,10 @@ class PlateauTracker:
             self.wait += 1
         if self.phase == len(self.metric_schedule.specs) - 1:
             return Verdict(best, "")
-        reason = ""
-        if rule.max_epochs is not None and self.epochs >= rule.max_epochs:
-            reason = f"the phase ran its max_epochs={rule.max_epochs}"
-        elif not best and self.wait >= rule.patience and self.epochs >= rule.min_epochs:
+        reason, (least, most) = "", rule.bounds(self.phase)
+        if most is not None and self.epochs >= most:
+            reason = f"the phase ran its max_epochs={most}"
+        elif not best and self.wait >= rule.patience and self.epochs >= least:
             by = f" by {rule.min_delta:g}" if rule.min_delta else ""
             on = "no finite value yet" if self.best is None else f"{self.best:.6g} ({self.unit} {self.best_epoch})"
             counted = "epoch" if self.unit == "epoch" else "evaluation"

@@ -95,3 +95,17 @@ def test_the_stepper_logs_why_a_phase_began_and_its_state_resumes():
     again.load(stepper.state_dict())
     again.replay(net, stepper.phase)
     assert again.phase == 1 and again.schedule == stepper.schedule
+
+
+def test_min_and_max_epochs_may_differ_per_phase():
+    s = ll.MetricSchedule([ll.freeze(), ll.unfreeze("a"), ll.unfreeze()], monitor="loss", patience=5,
+                          min_epochs=[0, 1, 0], max_epochs=[2, 3, None])
+    assert ll.MetricSchedule.from_dict(s.to_dict()) == s and s.to_dict()["rule"]["max_epochs"] == [2, 3, None]
+    tracker = PlateauTracker(s)
+    for epoch in range(8):
+        tracker.observe(epoch, {"loss": 1.0 - 0.1 * epoch})   # always improving: max_epochs ends each phase
+    assert tracker.starts == [0, 2, 5]
+    with pytest.raises(ll.SpecError, match="max_epochs gives 2 values and the schedule has 3 phases"):
+        ll.MetricSchedule(s.specs, monitor="loss", max_epochs=[2, 3])
+    with pytest.raises(ll.SpecError, match=r"max_epochs \(1\) is below min_epochs \(2\) for phase 1"):
+        ll.Plateau("loss", min_epochs=[0, 2], max_epochs=[2, 1])
