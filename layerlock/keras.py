@@ -286,7 +286,6 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         self._checked = False
         lrs = schedule.lr if isinstance(schedule, MetricSchedule) else [p.lr for p in schedule.phases]
         self._rated = any(lr is not None for lr in lrs)
-        self._best: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] | None = None  # restore_best's copy
         self._best_at_begin = False
 
     @property
@@ -305,7 +304,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         change = self.stepper.step(self.model, epoch, self._sync)
         if self._best_at_begin:  # resumed at the end of the phase's best epoch (see _restore)
             self._best_at_begin = False
-            self._best = self._keep_best()
+            self.stepper.kept = self._keep_best()
         if not self._checked:
             self._checked = True
             warn_check(self.model, bn=self.stepper.options["bn"], schedule=self.stepper.planned)
@@ -317,20 +316,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
         the phase, the next one begins at the next ``on_epoch_begin`` (with ``restore_best``,
         from the phase's best epoch, put back here). A monitor ``logs`` lacks raises
         :class:`~layerlock.SpecError` naming the keys it has."""
-        tracker = self.stepper.tracker
-        if tracker is None:
-            return
-        keep = tracker.rule.restore_best and tracker.phase < self.stepper.phase_count - 1
-        verdict = self.stepper.observe(epoch, logs if logs is not None else {})
-        if not keep or verdict is None:
-            return
-        if verdict.best:
-            self._best = self._keep_best()
-        if verdict.reason:
-            if self._best is not None:
-                self._restore_best(self._best)
-                self.stepper.reason += "; best epoch restored"
-            self._best = None
+        self.stepper.observe(epoch, logs if logs is not None else {}, self._keep_best, self._restore_best)
 
     def _keep_best(self) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
         """(variable, value) copies of the model's weights and the compiled optimizer's
@@ -430,7 +416,7 @@ class FreezeScheduler(keras.callbacks.Callback):  # type: ignore[misc]
             internals.upgrade(self._rate_target(model))
         self.stepper.replay(model, state["phase"], self._sync)
         self.epoch = state["epoch"]
-        self._best, self._best_at_begin = None, False
+        self.stepper.kept, self._best_at_begin = None, False
         tracker = self.stepper.tracker
         if tracker is None or not tracker.rule.restore_best or tracker.best_epoch is None \
                 or tracker.phase == self.stepper.phase_count - 1:

@@ -49,8 +49,32 @@ class Phase:
             raise SpecError(f"phase at epoch {self.epoch}: lr must be a number > 0; received {self.lr!r}")
 
 
+class _Stored:
+    """JSON and file forms of a schedule value, from its ``to_dict`` / ``from_dict``."""
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_json(cls: Any, text: str) -> Any:
+        try:
+            return cls.from_dict(json.loads(text))
+        except ValueError as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"{cls.__name__} JSON could not be parsed: {exc}") from None
+
+    @classmethod
+    def load(cls: Any, path: str | Path) -> Any:
+        """Read one from ``.json`` or ``.yaml``/``.yml``."""
+        return cls.from_dict(load_data(path))
+
+    def save(self, path: str | Path) -> None:
+        dump_data(self.to_dict(), path)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(_Stored):
     """Phases keyed by the epoch they start at; see the module docstring.
 
     >>> Schedule({0: freeze(depth=-1), 2: unfreeze()}).phase_index(1)
@@ -119,25 +143,6 @@ class Schedule:
                 raise SpecError(f"phases[{i}]: {exc}") from None
         return cls(phases)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> Schedule:
-        try:
-            return cls.from_dict(json.loads(text))
-        except ValueError as exc:
-            if isinstance(exc, SpecError):
-                raise
-            raise SpecError(f"schedule JSON could not be parsed: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> Schedule:
-        """Read a schedule from ``.json`` or ``.yaml``/``.yml``."""
-        return cls.from_dict(load_data(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_data(self.to_dict(), path)
 
 
 def gradual(blocks: int, *, every: int = 1, within: str | None = None, head: str | Sequence[str] = (),
@@ -268,7 +273,7 @@ class Plateau:
 
 
 @dataclass(frozen=True)
-class MetricSchedule:
+class MetricSchedule(_Stored):
     """Phases that begin when a metric stops improving: ``specs`` in order, the first from
     the start, each next one from the epoch after the :class:`Plateau` rule ends the phase
     before; the last phase trains on. ``lr={phase index: rate}`` is each phase's ``lr``, as
@@ -361,25 +366,6 @@ class MetricSchedule:
                 lrs[i] = item["lr"]
         return cls(specs, Plateau(**data["rule"]), lr=lrs)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> MetricSchedule:
-        try:
-            return cls.from_dict(json.loads(text))
-        except ValueError as exc:
-            if isinstance(exc, SpecError):
-                raise
-            raise SpecError(f"metric schedule JSON could not be parsed: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> MetricSchedule:
-        """Read a metric schedule from ``.json`` or ``.yaml``/``.yml``."""
-        return cls.from_dict(load_data(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_data(self.to_dict(), path)
 
 
 _RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Plateau) if f.name != "monitor"}

@@ -67,6 +67,7 @@ class PhaseStepper:
         self.given, self.unit, self.phase = schedule, unit, -1
         self.tracker = PlateauTracker(schedule, owner, unit) if isinstance(schedule, MetricSchedule) else None
         self.reason = ""  # why the phase about to begin begins (a metric schedule's verdict)
+        self.kept: Any = None  # restore_best: the framework's copy of the phase's best epoch
         self.options: dict[str, Any] = {"strict": strict, "bn": bn, "frozen_mode": frozen_mode}
 
     @property
@@ -90,14 +91,27 @@ class PhaseStepper:
         every = self.planned
         return [plan(model, every.spec_at(phase.epoch), **self.options) for phase in every.phases]
 
-    def observe(self, at: int, metrics: Mapping[str, Any]) -> Verdict | None:
+    def observe(self, at: int, metrics: Mapping[str, Any], keep: Callable[[], Any] | None = None,
+                restore: Callable[[Any], None] | None = None) -> Verdict | None:
         """A metric schedule's verdict on the metrics at the end of ``at`` (the next phase, if
-        they end this one, begins at ``at + 1``); None for a plain schedule."""
+        they end this one, begins at ``at + 1``); None for a plain schedule. With
+        ``restore_best``, ``keep()`` copies what the framework restores (weights, optimizer,
+        LR scheduler) at each best of a phase that has a next one, held in :attr:`kept`, and
+        ``restore(kept)`` puts it back when the phase ends."""
         if self.tracker is None:
             return None
+        keeping = keep is not None and self.tracker.rule.restore_best and self.tracker.phase < self.phase_count - 1
         verdict = self.tracker.observe(at, metrics)
         if verdict.reason:
             self.reason = verdict.reason
+        if keeping:
+            if verdict.best:
+                self.kept = keep()  # type: ignore[misc]
+            if verdict.reason:
+                if self.kept is not None and restore is not None:
+                    restore(self.kept)
+                    self.reason += "; best epoch restored"
+                self.kept = None
         return verdict
 
     def step(self, model: Any, at: int, sync: Callable[[Phase, Plan], str] | None = None) -> Transition | None:
@@ -216,7 +230,6 @@ class LoopScheduler:
         self.epoch = -1
         self._refuse(self.stepper.check(model))
         self._checked = False
-        self._best: Any = None  # restore_best: what the phase's best epoch left (framework's copy)
         self.observed = -1  # the last epoch whose metrics a metric schedule has judged
 
     def _refuse(self, plans: list[Plan]) -> None:
@@ -265,14 +278,8 @@ class LoopScheduler:
         if tracker is None or epoch <= self.observed:
             return
         self.observed = epoch
-        verdict = self.stepper.observe(epoch, {tracker.rule.monitor: self._reduce(tracker.value(metrics))})
-        if tracker.rule.restore_best:
-            if verdict is not None and verdict.best:
-                self._best = self._keep_best()
-            if verdict is not None and verdict.reason and self._best is not None:
-                self._restore_best(self._best)
-                self.stepper.reason += "; best epoch restored"
-                self._best = None
+        self.stepper.observe(epoch, {tracker.rule.monitor: self._reduce(tracker.value(metrics))},
+                             self._keep_best, self._restore_best)
 
     def _reduce(self, value: float) -> float:
         """The monitored value every process decides on (one process: ``value``)."""
@@ -301,8 +308,8 @@ class LoopScheduler:
         state = {"epoch": self.epoch, **self.stepper.state_dict()}
         if self.stepper.tracker is not None:
             state["observed"] = self.observed
-            if self._best is not None:  # restore_best after a resume needs the phase's best epoch
-                state["best_state"] = self._best
+            if self.stepper.kept is not None:  # restore_best after a resume needs the phase's best epoch
+                state["best_state"] = self.stepper.kept
         structure = self.structure()
         if structure is not None:
             state["structure"] = structure
@@ -325,7 +332,7 @@ class LoopScheduler:
         self.stepper.load(state)
         self.stepper.replay(self.model, state["phase"], self._sync)
         self.epoch = state["epoch"]
-        self.observed, self._best = state.get("observed", self.epoch - 1), state.get("best_state")
+        self.observed, self.stepper.kept = state.get("observed", self.epoch - 1), state.get("best_state")
 
 
 def check_saved_state(state: Any, schedule: Schedule | MetricSchedule, structure: str | None = None) -> None:

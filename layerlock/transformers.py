@@ -111,7 +111,6 @@ class FreezeScheduler(TrainerCallback):
         self._args: Any = None
         self._ddp: torch.nn.parallel.DistributedDataParallel | None = None  # the Trainer's, under several processes
         self._training = False  # evaluations outside train() (trainer.evaluate()) decide nothing
-        self._best: Any = None  # restore_best: the copies of the phase's best evaluation
 
     # -- Trainer events -------------------------------------------------------------------
 
@@ -130,7 +129,7 @@ class FreezeScheduler(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._refuse_no_evaluation(args)
         self._ddp = self._wrapper(args, self.stepper.check(model))
-        self._model, self._args, self._best = model, args, None
+        self._model, self._args, self.stepper.kept = model, args, None
         self._optimizer, self._scheduler = unwrap_prepared(optimizer), unwrap_prepared(lr_scheduler)
         if self.stepper.phase_count > 1 and self._scheduler is not None:
             check_scheduler(self._scheduler)  # refuse before the first step, not at a transition
@@ -161,7 +160,7 @@ class FreezeScheduler(TrainerCallback):
                    schedule=self.stepper.planned)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._training, self._best = False, None
+        self._training, self.stepper.kept = False, None
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.unit == "epoch":
@@ -182,17 +181,8 @@ class FreezeScheduler(TrainerCallback):
             return  # a plain schedule; trainer.evaluate() outside train(); eval_on_start
         if tracker.phase > self.stepper.phase:
             return  # the next phase is decided and begins at the next epoch: nothing more to judge
-        value = self._monitored(metrics)
-        verdict = self.stepper.observe(self._decided_at(state), {tracker.rule.monitor: value})
-        if verdict is None or not tracker.rule.restore_best:
-            return
-        if verdict.best:
-            self._best = self._keep_best()
-        if verdict.reason:
-            if self._best is not None:
-                self._restore_best(self._best)
-                self.stepper.reason += "; best epoch restored"
-            self._best = None
+        self.stepper.observe(self._decided_at(state), {tracker.rule.monitor: self._monitored(metrics)},
+                             self._keep_best, self._restore_best)
 
     def _refuse_no_evaluation(self, args: Any) -> None:
         """A metric schedule decides at evaluations: refuse a run that has none."""
