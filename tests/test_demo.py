@@ -1,6 +1,6 @@
 """`layerlock demo --quick` in a subprocess: transfer beats both baselines in every installed
-framework (torch, Keras, Flax NNX), and every framework trains the same number of scalars in
-each phase; the docs build with mkdocs --strict, and every code example in them runs."""
+framework (torch, Keras, Flax NNX), every framework trains the same number of scalars in
+each phase, and one metric schedule ends the frozen phase on the validation loss; the docs build with mkdocs --strict, and every code example in them runs."""
 
 from __future__ import annotations
 
@@ -90,6 +90,79 @@ def test_the_frozen_phase_trains_a_small_fraction_and_steps_faster(demo):
         assert phases["frozen"]["trainable"] < phases["fine-tune"]["trainable"] < phases["scratch"]["trainable"]
         # Timings are reported, not asserted: other programs on a CI machine can skew them.
         print(f"{name}: frozen {v['paired_frozen_ms']:.2f} ms vs full {v['paired_full_ms']:.2f} ms per step")
+
+
+def test_the_frozen_phase_ends_on_the_validation_loss_and_fine_tune_gets_the_rest(demo):
+    import layerlock as ll
+    from layerlock.demo.config import QUICK, TRANSFER, transfer_schedule
+    from layerlock.stepper import PlateauTracker
+
+    _, summary, stdout = demo
+    given = ll.MetricSchedule.from_dict(summary["config"]["schedule"])
+    assert given == transfer_schedule(QUICK)  # one spec, written once, for every framework
+    assert (given.rule.monitor, given.rule.max_epochs, given.lr) == ("val_loss", QUICK.frozen_epochs,
+                                                                    (None, QUICK.finetune_lr))
+    total = QUICK.frozen_epochs + QUICK.finetune_epochs
+    for name, run in summary["runs"].items():
+        phases = {p["phase"]: p for p in run["phases"]}
+        starts = run["phase_starts"]
+        assert list(starts) == list(TRANSFER) and starts["frozen"] == 0, (name, starts)
+        frozen, fine = phases["frozen"], phases["fine-tune"]
+        # Each phase is recorded from the epoch the scheduler began it, within the one budget.
+        assert (frozen["start_epoch"], fine["start_epoch"]) == (0, starts["fine-tune"]), name
+        assert QUICK.min_frozen_epochs <= len(frozen["epochs"]) == starts["fine-tune"] <= QUICK.frozen_epochs
+        assert len(fine["epochs"]) == total - starts["fine-tune"] >= QUICK.finetune_epochs, name
+        assert run["verdict"]["phase_starts"] == starts
+        # The recorded validation losses, fed to the rule again, end the frozen phase at the same epoch.
+        tracker = PlateauTracker(given)
+        for e, epoch in enumerate(frozen["epochs"] + fine["epochs"]):
+            assert epoch["val_loss"] is not None and epoch["val_loss"] > 0, (name, epoch)
+            tracker.observe(e, {"val_loss": epoch["val_loss"]})
+        assert tracker.starts == [starts["frozen"], starts["fine-tune"]], (name, tracker.starts, starts)
+        # The scheduler's own line for the change, with what decided it, is in the trace and the summary.
+        line = next(t for t in run["transitions"] if t.startswith(f"layerlock: epoch {starts['fine-tune']}: "))
+        assert "phase 2/2" in line and line in stdout, line
+        assert "did not improve" in line or "max_epochs" in line, line
+
+
+def test_the_validation_images_are_held_out_of_training_and_apart_from_the_test_set():
+    from layerlock.demo.data import split
+
+    s = split("target", 6, 5, seed=3, val_per_class=2)
+    assert (len(s.y), len(s.y_val), len(s.y_test)) == (24, 8, 20)
+    assert sorted(s.y_val.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    train, val, test = ({x.tobytes() for x in xs} for xs in (s.x, s.x_val, s.x_test))
+    assert not (train & val) and not (train & test) and not (val & test)
+    whole = split("target", 8, 5, seed=3)  # the same draw: the validation images are carved out of it
+    assert train | val == {x.tobytes() for x in whole.x}
+
+
+def test_curves_mark_where_each_transfer_phase_began(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from layerlock.demo import report
+
+    runs = {}
+    for framework, switch in (("torch", 3), ("flax", 2)):
+        rec = report.Recorder(framework, echo=None, progress=False)
+        for name, start, epochs in (("frozen", 0, switch), ("fine-tune", switch, 5 - switch), ("scratch", 0, 5)):
+            ph = rec.phase(name, "target", epochs=epochs, steps=1, trainable=10, start=start)
+            for _ in range(epochs):
+                ph.step(0.01, 0.01)
+                ph.epoch(loss=1.0, acc=0.5, test_acc=0.5, val_loss=1.1 if name != "scratch" else None)
+        rec.starts = {"frozen": 0, "fine-tune": switch}
+        runs[framework] = rec
+    marks: list[float] = []
+    real = Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x=0, *a, **k: marks.append(x) or real(self, x, *a, **k))
+    report.plot(runs, tmp_path / "curves.png")
+    # on the accuracy and the loss panel of each framework: its two phase starts, between two epochs
+    assert sorted(marks) == sorted([0.5, 3.5] * 2 + [0.5, 2.5] * 2)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_demo_rejects_a_framework_that_is_missing(monkeypatch, capsys):

@@ -1,10 +1,12 @@
 """The transfer-learning demo behind ``layerlock demo``.
 
 Pretrain a small CNN on the *source* classes; phase 1 freezes its conv base and trains a
-new head on different *target* classes; phase 2 unfreezes the top block and fine-tunes at a
-lower learning rate. Two baselines get the same budget: the same head on a frozen *random*
-base, and the whole model trained from scratch. The same two specs, defined once in
-:mod:`.config`, drive PyTorch, Keras and Flax NNX, whose models name their layers identically.
+new head on different *target* classes until the loss on held-out target images stops
+improving; phase 2 then unfreezes the top block and fine-tunes it at a lower learning rate
+for the rest of the budget. Two baselines get the same budget: the same head on a frozen
+*random* base, and the whole model trained from scratch. The same two specs and the same
+metric schedule, defined once in :mod:`.config`, drive PyTorch, Keras and Flax NNX, whose
+models name their layers identically.
 
 >>> FRAMEWORKS
 ('torch', 'keras', 'flax')
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayerlockError
-from .config import DEFAULT, FINE_TUNE, FRAMEWORKS, FROZEN_BASE, QUICK, REQUIRES
+from .config import DEFAULT, FRAMEWORKS, QUICK, REQUIRES, transfer_schedule
 
 
 def installed() -> list[str]:
@@ -53,11 +55,17 @@ def run(frameworks: list[str], *, quick: bool = False, out: str | Path = "layerl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source = split("source", cfg.source_per_class, cfg.test_per_class // 2, seed=cfg.seed)
-    target = split("target", cfg.target_per_class, cfg.test_per_class, seed=cfg.seed + 1)
+    target = split("target", cfg.target_per_class, cfg.test_per_class, seed=cfg.seed + 1,
+                   val_per_class=cfg.val_per_class)
+    schedule = transfer_schedule(cfg)
     if echo:
+        rule = schedule.rule
         echo(f"layerlock demo: source {len(source.y)} images / {source.classes} classes, target "
-             f"{len(target.y)} training images / {target.classes} classes, {len(target.y_test)} test images "
-             f"({'quick' if quick else 'default'} run; phase 1 spec {FROZEN_BASE!r}, phase 2 {FINE_TUNE!r})")
+             f"{len(target.y)} training + {len(target.y_val)} validation images / {target.classes} classes, "
+             f"{len(target.y_test)} test images ({'quick' if quick else 'default'} run; phase 1 spec "
+             f"{schedule.specs[0]!r} until {rule.monitor} has not improved for {rule.patience} epoch(s) "
+             f"({rule.min_epochs} to {rule.max_epochs} epochs), then phase 2 {schedule.specs[1]!r} at lr "
+             f"{schedule.lr[1]:g} for the rest of {cfg.frozen_epochs + cfg.finetune_epochs} epochs)")
     runs: dict[str, report.Recorder] = {}
     seconds: dict[str, float] = {}
     for name in frameworks:
@@ -69,7 +77,8 @@ def run(frameworks: list[str], *, quick: bool = False, out: str | Path = "layerl
         seconds[name] = time.perf_counter() - start
     table = report.summary_table(runs)
     config = {**asdict(cfg), "quick": quick, "frameworks": frameworks, "seconds": seconds,
-              "specs": {"frozen": FROZEN_BASE.to_dict(), "fine-tune": FINE_TUNE.to_dict()},
+              "specs": {"frozen": schedule.specs[0].to_dict(), "fine-tune": schedule.specs[1].to_dict()},
+              "schedule": schedule.to_dict(),
               "python": sys.version.split()[0]}
     report.write_json(runs, config, out / "summary.json")
     (out / "summary.txt").write_text(table + "\n")

@@ -15,7 +15,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,12 +28,16 @@ SIGMA = (4.0, 7.0)  # the Gabor window of target images, in pixels
 
 @dataclass(frozen=True)
 class Split:
-    """Train and test arrays, NCHW float32 images and int64 labels."""
+    """Train, test and (possibly empty) validation arrays, NCHW float32 images and int64
+    labels. The validation images are held out of the training images; the test images
+    are drawn apart."""
 
     x: np.ndarray
     y: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, SIZE, SIZE), np.float32))
+    y_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def classes(self) -> int:
@@ -74,13 +78,22 @@ def make(task: str, per_class: int, *, seed: int, size: int = SIZE) -> tuple[np.
     return x[order].astype(np.float32), y[order].astype(np.int64)
 
 
-def split(task: str, train_per_class: int, test_per_class: int, *, seed: int) -> Split:
-    """Disjoint train and test sets (different seeds) for one task.
+def split(task: str, train_per_class: int, test_per_class: int, *, seed: int, val_per_class: int = 0) -> Split:
+    """Disjoint train and test sets (different seeds) for one task; with ``val_per_class``,
+    that many more images of each class are drawn with the training images and held out of
+    them as a validation set (what a metric schedule decides on: never the test set).
 
-    >>> s = split("target", 3, 2, seed=0)
-    >>> len(s.y), len(s.y_test), s.classes
-    (12, 8, 4)
+    >>> s = split("target", 3, 2, seed=0, val_per_class=1)
+    >>> len(s.y), len(s.y_val), len(s.y_test), s.classes, sorted(s.y_val.tolist())
+    (12, 4, 8, 4, [0, 1, 2, 3])
+    >>> len(split("target", 3, 2, seed=0).y_val)
+    0
     """
-    x, y = make(task, train_per_class, seed=seed)
+    x, y = make(task, train_per_class + val_per_class, seed=seed)
     xt, yt = make(task, test_per_class, seed=seed + 1000)
-    return Split(x, y, xt, yt)
+    # The last val_per_class images of each class (in the shuffled order) are held out.
+    held = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        of_c = np.flatnonzero(y == c)
+        held[of_c[len(of_c) - val_per_class:]] = True
+    return Split(x[~held], y[~held], xt, yt, x[held], y[held])

@@ -1,5 +1,6 @@
 """The Flax NNX half of the demo: ``nnx.jit`` training steps, an ``nnx.Optimizer`` over
-``layerlock.flax.trainable``, and ``layerlock.flax.sync_optimizer`` at the phase change.
+``layerlock.flax.trainable``, and a ``layerlock.flax.FreezeScheduler`` that begins each
+transfer phase (and syncs the optimizer) when the validation loss says so.
 
 The model names its layers as the torch and Keras models do (``base.block1.conv``, ...,
 ``pool``, ``head``), as module attributes rather than a list, so the specs of
@@ -17,7 +18,7 @@ import time
 from typing import Any
 
 from ..operations import apply
-from .config import FINE_TUNE, FROZEN_BASE, Config
+from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
 from .data import Split
 from .report import Phase, Recorder, paired
 from .torch_run import WIDTHS
@@ -93,7 +94,7 @@ def trainable(model: Any) -> int:
 
 def optimizer(model: Any, lr: float) -> Any:
     """Adam over the parameters layerlock leaves trainable, its rate a hyperparameter in the
-    optimizer state, so that phase 2 lowers it without a new optimizer."""
+    optimizer state, which the freeze scheduler reads to give phase 2's block its own rate."""
     from flax import nnx
 
     import layerlock.flax as llf
@@ -110,15 +111,9 @@ def _adam(lr: float) -> Any:
     return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
 
 
-def set_lr(opt: Any, lr: float) -> None:
-    import jax.numpy as jnp
-
-    opt.opt_state.hyperparams["learning_rate"].set_value(jnp.asarray(lr, jnp.float32))
-
-
 @functools.cache
-def steps_fns() -> tuple[Any, Any]:
-    """The jitted training step and accuracy; built once, cached by nnx.jit per model layout."""
+def steps_fns() -> tuple[Any, Any, Any]:
+    """The jitted training step, accuracy and mean loss; built once, cached by nnx.jit per model layout."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
@@ -141,7 +136,11 @@ def steps_fns() -> tuple[Any, Any]:
     def hits(model: Any, x: Any, y: Any) -> Any:
         return jnp.sum(jnp.argmax(model(x), -1) == y)
 
-    return train_step, hits
+    @nnx.jit
+    def mean_loss(model: Any, x: Any, y: Any) -> Any:
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    return train_step, hits, mean_loss
 
 
 def nhwc(x: Any) -> Any:
@@ -149,45 +148,82 @@ def nhwc(x: Any) -> Any:
 
 
 def accuracy(model: Any, x: Any, y: Any) -> float:
-    _, hits = steps_fns()
+    _, hits, _ = steps_fns()
     model.eval()  # held BatchNorm layers are in inference mode either way
     return float(hits(model, x, y)) / len(y)
 
 
-def train(model: Any, opt: Any, data: Split, epochs: int, cfg: Config, phase: Phase) -> None:
-    """Plain loop; each step's wall time (forward, backward, optimizer, waited for) goes to
-    ``phase``. An epoch's last, short batch is filled up with the epoch's first images, so
-    that every step has one shape and the step compiles once per phase, not twice."""
-    import jax
+def epoch(model: Any, opt: Any, data: Split, cfg: Config, phase: Phase, rng: Any) -> dict[str, float]:
+    """One epoch of the plain loop; each step's wall time (forward, backward, optimizer,
+    waited for) goes to ``phase``; returns the epoch's validation metrics (none without
+    validation images). An epoch's last, short batch is filled up with the epoch's first
+    images, so that every step has one shape and the step compiles once per phase, not twice."""
     import numpy as np
 
-    train_step, _ = steps_fns()
+    train_step, _, mean_loss = steps_fns()
     x, y = nhwc(data.x), data.y.astype(np.int32)
-    xt, yt = jax.device_put(nhwc(data.x_test)), jax.device_put(data.y_test.astype(np.int32))
+    model.train()  # frozen BatchNorm layers stay in inference mode (layerlock holds them)
+    order = rng.permutation(len(y))
+    short = -len(order) % cfg.batch
+    order = np.concatenate([order, order[:short]])
+    total, hits = 0.0, 0
+    for i in range(0, len(order), cfg.batch):
+        idx = order[i:i + cfg.batch]
+        start, cpu = time.perf_counter(), time.process_time()
+        loss, right = train_step(model, opt, x[idx], y[idx])
+        loss = float(loss)  # waits for the step
+        phase.step(time.perf_counter() - start, time.process_time() - cpu, loss)
+        total += loss * len(idx)
+        hits += int(right)
+    test_acc = accuracy(model, nhwc(data.x_test), data.y_test.astype(np.int32))  # model.eval() from here
+    metrics = {"val_loss": float(mean_loss(model, nhwc(data.x_val), data.y_val.astype(np.int32)))} \
+        if len(data.y_val) else {}
+    phase.epoch(loss=total / len(order), acc=hits / len(order), test_acc=test_acc, val_loss=metrics.get("val_loss"))
+    return metrics
+
+
+def train(model: Any, opt: Any, data: Split, epochs: int, cfg: Config, phase: Phase) -> None:
+    """``epochs`` epochs of the plain loop in one phase."""
+    import numpy as np
+
     rng = np.random.default_rng(cfg.seed)
     for _ in range(epochs):
-        model.train()  # frozen BatchNorm layers stay in inference mode (layerlock holds them)
-        order = rng.permutation(len(y))
-        short = -len(order) % cfg.batch
-        order = np.concatenate([order, order[:short]])
-        total, hits = 0.0, 0
-        for i in range(0, len(order), cfg.batch):
-            idx = order[i:i + cfg.batch]
-            start, cpu = time.perf_counter(), time.process_time()
-            loss, right = train_step(model, opt, x[idx], y[idx])
-            loss = float(loss)  # waits for the step
-            phase.step(time.perf_counter() - start, time.process_time() - cpu, loss)
-            total += loss * len(idx)
-            hits += int(right)
-        phase.epoch(loss=total / len(order), acc=hits / len(order), test_acc=accuracy(model, xt, yt))
+        epoch(model, opt, data, cfg, phase, rng)
     phase.close()
+
+
+def transfer(model: Any, opt: Any, data: Split, cfg: Config, rec: Recorder) -> None:
+    """Both transfer phases in one loop: a :class:`layerlock.flax.FreezeScheduler` on
+    :func:`~.config.transfer_schedule` takes each epoch's validation loss and begins the
+    fine-tune phase (top block into the optimizer at ``finetune_lr``, the head's Adam state
+    and rate kept; the next ``nnx.jit`` step retraces once) at the epoch after the loss
+    stopped improving; each phase is recorded on its own."""
+    import numpy as np
+
+    import layerlock.flax as llf
+
+    scheduler = llf.FreezeScheduler(transfer_schedule(cfg), model, opt,
+                                    bn=cfg.finetune_bn, log=rec.log)  # type: ignore[arg-type]
+    rng = np.random.default_rng(cfg.seed)
+    phase, metrics = None, None
+    for at in range(transfer_epochs(cfg)):
+        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
+        if phase is None or phase.name != TRANSFER[scheduler.phase]:
+            if phase is not None:
+                phase.close()
+            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
+                              steps=steps(data, cfg), trainable=trainable(model), start=at)
+        metrics = epoch(model, opt, data, cfg, phase, rng)
+    assert phase is not None
+    phase.close()
+    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))  # type: ignore[union-attr]
 
 
 def step_fn(model: Any, opt: Any, data: Split, cfg: Config) -> Any:
     """One training step on a fixed batch, for the paired speed measurement."""
     import numpy as np
 
-    train_step, _ = steps_fns()
+    train_step, _, _ = steps_fns()
     x, y = nhwc(data.x[:cfg.batch]), data.y[:cfg.batch].astype(np.int32)
     model.train()  # once: an nnx train() walks every module, which would cost more than the step
 
@@ -204,31 +240,18 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
     """Pretrain, phase 1, phase 2, then the two baselines, recording each phase."""
     from flax import nnx
 
-    import layerlock.flax as llf
-
     model = build(source.classes, seed=cfg.seed)
     opt = optimizer(model, cfg.lr)
     train(model, opt, source, cfg.pretrain_epochs, cfg,
           rec.phase("pretrain", "source", epochs=cfg.pretrain_epochs, steps=steps(source, cfg),
                     trainable=trainable(model)))
 
-    # Phase 1: a new head for the target classes on the frozen, pretrained base; the
-    # optimizer is built after apply, so its wrt filter covers the head only.
+    # Phases 1 and 2: a new head for the target classes on the pretrained base. The scheduler
+    # freezes the base at epoch 0 (layerlock_frozen metadata, BatchNorm statistics held; the
+    # optimizer drops the base's state, its wrt filter now covers the head only) and unfreezes
+    # the top block once val_loss stops improving.
     model.head = nnx.Linear(model.head.in_features, target.classes, rngs=make_rngs(cfg.seed + 1))
-    apply(model, FROZEN_BASE)  # layerlock_frozen metadata on the base, BatchNorm statistics held
-    opt = optimizer(model, cfg.head_lr)
-    train(model, opt, target, cfg.frozen_epochs, cfg,
-          rec.phase("frozen", "target", epochs=cfg.frozen_epochs, steps=steps(target, cfg),
-                    trainable=trainable(model)))
-
-    # Phase 2: unfreeze the top block; the same optimizer takes it in, Adam state of the
-    # head kept, and everything trains at the lower rate from here on.
-    apply(model, FINE_TUNE, bn=cfg.finetune_bn)  # type: ignore[arg-type]
-    llf.sync_optimizer(opt, model)  # adds base.block3.conv; the next nnx.jit step retraces once
-    set_lr(opt, cfg.finetune_lr)
-    train(model, opt, target, cfg.finetune_epochs, cfg,
-          rec.phase("fine-tune", "target", epochs=cfg.finetune_epochs, steps=steps(target, cfg),
-                    trainable=trainable(model)))
+    transfer(model, optimizer(model, cfg.head_lr), target, cfg, rec)
 
     # Baseline 1: the same head, same budget, on a randomly initialised frozen base.
     random_base = build(target.classes, seed=cfg.seed + 1)
@@ -240,7 +263,7 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
 
     # Baseline 2: the whole model from scratch for as many epochs as phases 1 and 2 together.
     scratch = build(target.classes, seed=cfg.seed + 1)
-    epochs = cfg.frozen_epochs + cfg.finetune_epochs
+    epochs = transfer_epochs(cfg)
     everything = optimizer(scratch, cfg.lr)
     train(scratch, everything, target, epochs, cfg,
           rec.phase("scratch", "target", epochs=epochs, steps=steps(target, cfg), trainable=trainable(scratch)))

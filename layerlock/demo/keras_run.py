@@ -8,12 +8,10 @@ Nothing here imports Keras until :func:`run` is called.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from ..operations import apply
-from ..schedule import Schedule
-from .config import FINE_TUNE, FROZEN_BASE, Config
+from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
 from .data import SIZE, Split
 from .report import Phase, Recorder, import_keras, paired
 from .torch_run import WIDTHS
@@ -69,22 +67,33 @@ def nhwc(x: Any) -> Any:
     return x.transpose(0, 2, 3, 1)
 
 
-def fit(model: Any, data: Split, cfg: Config, rec: Recorder, phases: dict[int, tuple[str, int]],
-        callbacks: Sequence[Any] = ()) -> None:
-    """One ``model.fit`` over the ``phases`` ({first epoch: (name, epochs)}), with a callback
-    feeding the trace after the given ``callbacks`` (which may change the trainable set)."""
+def test_accuracy(model: Any, data: Split) -> float:
+    import keras
+
+    logits = keras.ops.convert_to_numpy(model(nhwc(data.x_test), training=False))
+    return float((logits.argmax(1) == data.y_test).mean())
+
+
+def fit(model: Any, data: Split, cfg: Config, rec: Recorder, name: str, epochs: int,
+        scheduler: Any = None) -> None:
+    """One ``model.fit`` of ``epochs`` epochs, with a callback feeding the trace: phase
+    ``name``, or with a metric ``scheduler`` (a FreezeScheduler callback, placed first so the
+    trainable set is in place and ``val_loss`` judged when the trace runs) the transfer
+    phases, each recorded from the epoch the scheduler began it. Validation data, where
+    ``data`` has any, gives ``logs`` its ``val_loss``; the test accuracy is measured apart."""
     import keras
 
     class Trace(keras.callbacks.Callback):
         phase: Phase | None = None
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            if epoch in phases:  # a new phase: its trainable set is in place by now
+            now = name if scheduler is None else TRANSFER[scheduler.phase]
+            if self.phase is None or self.phase.name != now:  # a new phase: its trainable set is in place by now
                 if self.phase is not None:
                     self.phase.close()
-                name, epochs = phases[epoch]
-                self.phase = rec.phase(name, "target" if name != "pretrain" else "source", epochs=epochs,
-                                       steps=steps(data, cfg), trainable=trainable(self.model))
+                planned = epochs if scheduler is None else planned_epochs(cfg, scheduler.phase, epoch)
+                self.phase = rec.phase(now, "target" if now != "pretrain" else "source", epochs=planned,
+                                       steps=steps(data, cfg), trainable=trainable(self.model), start=epoch)
 
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             self.start = (time.perf_counter(), time.process_time())
@@ -97,15 +106,16 @@ def fit(model: Any, data: Split, cfg: Config, rec: Recorder, phases: dict[int, t
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs or {}
             assert self.phase is not None
-            self.phase.epoch(loss=logs["loss"], acc=logs["accuracy"], test_acc=logs["val_accuracy"])
+            self.phase.epoch(loss=logs["loss"], acc=logs["accuracy"], test_acc=test_accuracy(self.model, data),
+                             val_loss=logs.get("val_loss"))
 
         def on_train_end(self, logs: Any = None) -> None:
             if self.phase is not None:
                 self.phase.close()
 
-    total = sum(epochs for _, epochs in phases.values())
-    model.fit(nhwc(data.x), data.y, batch_size=cfg.batch, epochs=total, shuffle=True, verbose=0,
-              validation_data=(nhwc(data.x_test), data.y_test), callbacks=[*callbacks, Trace()])
+    validation = (nhwc(data.x_val), data.y_val) if len(data.y_val) else None
+    model.fit(nhwc(data.x), data.y, batch_size=cfg.batch, epochs=epochs, shuffle=True, verbose=0,
+              validation_data=validation, callbacks=[*([scheduler] if scheduler is not None else []), Trace()])
 
 
 def step_fn(model: Any, data: Split, cfg: Config) -> Any:
@@ -127,29 +137,29 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
 
     keras.utils.set_random_seed(cfg.seed)
     model = compile_(build(source.classes), cfg.lr)
-    fit(model, source, cfg, rec, {0: ("pretrain", cfg.pretrain_epochs)})
+    fit(model, source, cfg, rec, "pretrain", cfg.pretrain_epochs)
 
     # A new head for the target classes on the pretrained base. The scheduler applies phase 1
-    # (base frozen) at epoch 0 and phase 2 (top block unfrozen, lower rate) later in the same
-    # fit: layerlock brings the compiled model and its optimizer in step, no recompile, and
-    # the head's Adam state carries over. bn="frozen" keeps every BatchNorm in inference mode.
+    # (base frozen) at epoch 0 and, at the epoch after val_loss stopped improving, phase 2
+    # (top block unfrozen, at the lower rate) in the same fit: layerlock brings the compiled
+    # model and its optimizer in step, no recompile, and the head's Adam state and rate carry
+    # over. bn="frozen" keeps every BatchNorm in inference mode.
     keras.utils.set_random_seed(cfg.seed + 1)
     model = compile_(build(target.classes, base=model.get_layer("base")), cfg.head_lr)
-    schedule = Schedule({0: FROZEN_BASE, cfg.frozen_epochs: FINE_TUNE}, lr={cfg.frozen_epochs: cfg.finetune_lr})
-    scheduler = llk.FreezeScheduler(schedule, bn=cfg.finetune_bn, log=None)  # type: ignore[arg-type]
-    fit(model, target, cfg, rec, {0: ("frozen", cfg.frozen_epochs),
-                                  cfg.frozen_epochs: ("fine-tune", cfg.finetune_epochs)}, [scheduler])
+    scheduler = llk.FreezeScheduler(transfer_schedule(cfg), bn=cfg.finetune_bn, log=rec.log)  # type: ignore[arg-type]
+    fit(model, target, cfg, rec, "frozen", transfer_epochs(cfg), scheduler)
+    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))  # type: ignore[union-attr]
 
     # Baseline 1: the same head, same budget, on a randomly initialised frozen base, frozen
     # with ll.apply after compile.
     keras.utils.set_random_seed(cfg.seed + 1)
     random_base = compile_(build(target.classes), cfg.head_lr)
     apply(random_base, FROZEN_BASE)
-    fit(random_base, target, cfg, rec, {0: ("random-base", cfg.frozen_epochs)})
+    fit(random_base, target, cfg, rec, "random-base", cfg.frozen_epochs)
 
     # Baseline 2: the whole model from scratch for as many epochs as phases 1 and 2 together.
     keras.utils.set_random_seed(cfg.seed + 1)
     scratch = compile_(build(target.classes), cfg.lr)
-    fit(scratch, target, cfg, rec, {0: ("scratch", cfg.frozen_epochs + cfg.finetune_epochs)})
+    fit(scratch, target, cfg, rec, "scratch", transfer_epochs(cfg))
 
     rec.speed = paired(step_fn(random_base, target, cfg), step_fn(scratch, target, cfg), cfg.speed_pairs)

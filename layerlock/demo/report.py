@@ -30,8 +30,8 @@ from .._format import count, table
 # What each phase is, for the table and the docs.
 PHASES = {
     "pretrain": "whole model on the source classes",
-    "frozen": "phase 1: conv base frozen, new head on the target classes",
-    "fine-tune": "phase 2: top block unfrozen, lower learning rate",
+    "frozen": "phase 1: conv base frozen, new head on the target classes, until val_loss stops improving",
+    "fine-tune": "phase 2: top block unfrozen at a lower learning rate, for the rest of the budget",
     "random-base": "baseline: same head on a frozen, randomly initialised base",
     "scratch": "baseline: whole model from random init, same epochs as phases 1+2",
 }
@@ -46,6 +46,7 @@ class Epoch:
     step_ms: float
     cpu_ms: float
     trainable: int
+    val_loss: float | None = None  # on the held-out validation images, where the phase has them
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Phase:
     data: str
     epochs_planned: int
     trainable: int
+    start: int = 0  # the epoch (from 0, of its loop or fit) at which the phase began
     epochs: list[Epoch] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
@@ -74,16 +76,18 @@ class Phase:
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-    def epoch(self, *, loss: float, acc: float, test_acc: float) -> None:
+    def epoch(self, *, loss: float, acc: float, test_acc: float, val_loss: float | None = None) -> None:
         """Close an epoch: store its metrics and the median step time, print the trace line."""
         self.step_times.extend(self._pending)
         self.cpu_times.extend(self._pending_cpu)
         ms, cpu = _median_ms(self._pending), _median_ms(self._pending_cpu)
         self._pending, self._pending_cpu = [], []
-        e = Epoch(len(self.epochs) + 1, float(loss), float(acc), float(test_acc), ms, cpu, self.trainable)
+        e = Epoch(len(self.epochs) + 1, float(loss), float(acc), float(test_acc), ms, cpu, self.trainable,
+                  None if val_loss is None else float(val_loss))
         self.epochs.append(e)
+        val = "" if e.val_loss is None else f"  val loss {e.val_loss:6.3f}"
         line = (f"{self.framework:<6} {self.name:<11} epoch {e.epoch:>2}/{self.epochs_planned:<2}  "
-                f"loss {e.loss:6.3f}  acc {e.acc:5.3f}  test acc {e.test_acc:5.3f}  "
+                f"loss {e.loss:6.3f}  acc {e.acc:5.3f}{val}  test acc {e.test_acc:5.3f}  "
                 f"trainable {count(self.trainable):>7}  step {ms:6.2f} ms (cpu {cpu:6.2f} ms)")
         if self._echo is not None:
             if self._bar is not None:
@@ -113,7 +117,7 @@ class Phase:
 
     def to_dict(self) -> dict[str, Any]:
         return {"framework": self.framework, "phase": self.name, "data": self.data,
-                "what": PHASES.get(self.name, ""), "epochs": [asdict(e) for e in self.epochs],
+                "what": PHASES.get(self.name, ""), "start_epoch": self.start, "epochs": [asdict(e) for e in self.epochs],
                 "trainable": self.trainable, "steps": len(self.step_times), "step_ms": self.step_ms,
                 "cpu_ms": self.cpu_ms,
                 "final_loss": self.epochs[-1].loss if self.epochs else None,
@@ -147,23 +151,45 @@ def paired(frozen_step: Callable[[], object], full_step: Callable[[], object], p
 
 
 class Recorder:
-    """Collects the phases of one framework's run and its paired speed measurement."""
+    """Collects the phases of one framework's run, its paired speed measurement, and the
+    transfer's phase starts and transition lines (what the freeze scheduler logged).
+
+    >>> rec = Recorder("torch", echo=None, progress=False)
+    >>> rec.log("layerlock: epoch 3: phase 2/2 ...")
+    >>> rec.starts = {"frozen": 0, "fine-tune": 3}
+    >>> rec.transitions, rec.starts["fine-tune"]
+    (['layerlock: epoch 3: phase 2/2 ...'], 3)
+    """
 
     def __init__(self, framework: str, *, echo: Callable[[str], None] | None = print,
                  progress: bool = True) -> None:
         self.framework, self.echo, self.progress = framework, echo, progress
         self.phases: list[Phase] = []
         self.speed: dict[str, float] = {}
+        self.starts: dict[str, int] = {}  # transfer phase -> the epoch it began (the scheduler's tracker.starts)
+        self.transitions: list[str] = []
 
-    def phase(self, name: str, data: str, *, epochs: int, steps: int, trainable: int) -> Phase:
-        """Start a phase of ``epochs`` epochs of ``steps`` steps each."""
+    def log(self, message: str) -> None:
+        """A freeze scheduler's ``log=``: keep the transition line and print it with the trace."""
+        self.transitions.append(message)
+        if self.echo is not None:
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(message)  # above the progress bar
+            else:
+                self.echo(message)
+
+    def phase(self, name: str, data: str, *, epochs: int, steps: int, trainable: int, start: int = 0) -> Phase:
+        """Start a phase of at most ``epochs`` epochs of ``steps`` steps each, begun at epoch
+        ``start`` of its loop."""
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=epochs * steps, desc=f"{self.framework} {name}", unit="step",
                        leave=False, dynamic_ncols=True)
-        ph = Phase(self.framework, name, data, epochs, trainable, _bar=bar, _echo=self.echo)
+        ph = Phase(self.framework, name, data, epochs, trainable, start, _bar=bar, _echo=self.echo)
         self.phases.append(ph)
         return ph
 
@@ -193,6 +219,9 @@ def verdict(rec: Recorder) -> dict[str, Any]:
         "frozen_faster": rec.speed["frozen_ms"] < rec.speed["full_ms"] if rec.speed else frozen.step_ms < scratch.step_ms,
         "frozen_trainable": frozen.trainable,
         "full_trainable": scratch.trainable,
+        "frozen_epochs": len(frozen.epochs),
+        "finetune_epochs": len(fine.epochs),
+        "phase_starts": dict(rec.starts),
     }
 
 
@@ -215,9 +244,27 @@ def summary_table(runs: dict[str, Recorder]) -> str:
             f"frozen step {v['frozen_step_ms']:.2f} ms vs full {v['full_step_ms']:.2f} ms in training, "
             f"{v['paired_frozen_ms']:.2f} vs {v['paired_full_ms']:.2f} ms interleaved "
             f"({v['paired_speedup']:.1f}x faster), training {count(v['frozen_trainable'])} of "
-            f"{count(v['full_trainable'])} scalars")
+            f"{count(v['full_trainable'])} scalars; frozen for {v['frozen_epochs']} epochs, then fine-tune for "
+            f"{v['finetune_epochs']} ({reason(rec)})")
     text.append(agreement_line(runs))
     return "\n".join(text)
+
+
+def reason(rec: Recorder) -> str:
+    """Why the fine-tune phase began: the start of the scheduler's line for it.
+
+    >>> rec = Recorder("torch", echo=None, progress=False)
+    >>> rec.log("layerlock: epoch 3: val_loss did not improve on 0.5 (epoch 1) for 1 epoch: phase 2/2 ...")
+    >>> rec.starts = {"frozen": 0, "fine-tune": 3}
+    >>> reason(rec)
+    'val_loss did not improve on 0.5 (epoch 1) for 1 epoch'
+    """
+    start = rec.starts.get("fine-tune")
+    for line in rec.transitions:
+        head = f"epoch {start}: "
+        if start is not None and head in line:
+            return line.split(head, 1)[1].split(": phase", 1)[0]
+    return "no transition logged"
 
 
 def trainable_by_phase(runs: dict[str, Recorder]) -> dict[str, dict[str, int]]:
@@ -267,14 +314,16 @@ def write_json(runs: dict[str, Recorder], config: dict[str, Any], path: Path) ->
     data = {"config": config,
             "trainable": {"same": all(len(set(c.values())) == 1 and len(c) == len(runs) for c in phases.values()),
                           "phases": phases, "line": agreement_line(runs)},
-            "runs": {name: {"phases": [p.to_dict() for p in rec.phases], "verdict": verdict(rec)}
+            "runs": {name: {"phases": [p.to_dict() for p in rec.phases], "verdict": verdict(rec),
+                            "phase_starts": dict(rec.starts), "transitions": list(rec.transitions)}
                      for name, rec in runs.items()}}
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def plot(runs: dict[str, Recorder], path: Path) -> None:
-    """Test accuracy per epoch of each target phase (the transfer phases end to end) and the
-    median step time of each phase (one scale for all), one row per framework."""
+    """Test accuracy and training loss per epoch of each target phase (the transfer phases
+    end to end, a dotted line at each epoch where one began, the monitored validation loss
+    dashed) and the median step time of each phase (one scale for all), one row per framework."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,16 +333,25 @@ def plot(runs: dict[str, Recorder], path: Path) -> None:
     colours = {"frozen": "C0", "fine-tune": "C2", "random-base": "C7", "scratch": "C3", "pretrain": "C1"}
     for row, rec in zip(axes, runs.values()):
         acc_ax, loss_ax, time_ax = row
-        offset = {"fine-tune": len(rec.get("frozen").epochs)}
         for p in rec.phases:
             if p.data != "target":
                 continue
-            xs = [offset.get(p.name, 0) + e.epoch for e in p.epochs]
+            xs = [p.start + e.epoch for e in p.epochs]  # epochs counted from 1 along the transfer run
             acc_ax.plot(xs, [e.test_acc for e in p.epochs], "o-", color=colours[p.name], label=p.name)
             loss_ax.plot(xs, [e.loss for e in p.epochs], "o-", color=colours[p.name], label=p.name)
+            if p.name in rec.starts and any(e.val_loss is not None for e in p.epochs):  # what the schedule watched
+                loss_ax.plot(xs, [e.val_loss for e in p.epochs], "s--", color=colours[p.name], alpha=0.6,
+                             markersize=4, label="val_loss (monitored)" if p.name == "frozen" else None)
+        for name, start in rec.starts.items():  # where each transfer phase began, between two epochs
+            for ax in (acc_ax, loss_ax):
+                ax.axvline(start + 0.5, color=colours[name], linestyle=":", linewidth=1.5)
+                ax.annotate(f"{name} from epoch {start + 1}", (start + 0.5, 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -3), textcoords="offset points", va="top", fontsize=7, color=colours[name],
+                            rotation=90)
         acc_ax.set(title=f"{rec.framework}: target test accuracy", xlabel="epoch", ylim=(0, 1.02))
-        loss_ax.set(title=f"{rec.framework}: target training loss", xlabel="epoch")
-        acc_ax.legend(fontsize=8)
+        loss_ax.set(title=f"{rec.framework}: target loss (training; validation dashed)", xlabel="epoch")
+        acc_ax.legend(fontsize=8, loc="lower right")
+        loss_ax.legend(fontsize=7, loc="best")
         names = [p.name for p in rec.phases]
         time_ax.bar(names, [p.step_ms for p in rec.phases], color=[colours[n] for n in names])
         time_ax.set(title=f"{rec.framework}: median wall time per step (ms)")

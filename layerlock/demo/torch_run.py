@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..operations import apply
-from .config import FINE_TUNE, FROZEN_BASE, Config
+from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
 from .data import Split
 from .report import Phase, Recorder, paired
 
@@ -47,31 +47,79 @@ def accuracy(model: Any, x: Any, y: Any) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def train(model: Any, optimizer: Any, data: Split, epochs: int, cfg: Config, phase: Phase) -> None:
-    """Plain loop; each step's wall time (forward, backward, optimizer) goes to ``phase``."""
+def val_loss(model: Any, data: Split) -> float:
+    """Mean cross-entropy on the held-out validation images (what the metric schedule watches)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(torch.from_numpy(data.x_val)), torch.from_numpy(data.y_val)))
+
+
+def epoch(model: Any, optimizer: Any, data: Split, cfg: Config, phase: Phase, gen: Any) -> dict[str, float]:
+    """One epoch of the plain loop; each step's wall time (forward, backward, optimizer) goes
+    to ``phase``; returns the epoch's validation metrics (none without validation images)."""
     import torch
     import torch.nn.functional as F
 
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     xt, yt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    model.train()  # frozen BatchNorm layers stay in inference mode (layerlock holds them)
+    order = torch.randperm(len(y), generator=gen)
+    losses, hits = [], 0
+    for i in range(0, len(y), cfg.batch):
+        idx = order[i:i + cfg.batch]
+        start, cpu = time.perf_counter(), time.process_time()
+        logits = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        phase.step(time.perf_counter() - start, time.process_time() - cpu, loss.item())
+        losses.append(loss.item() * len(idx))
+        hits += int((logits.argmax(1) == y[idx]).sum())
+    metrics = {"val_loss": val_loss(model, data)} if len(data.y_val) else {}
+    phase.epoch(loss=sum(losses) / len(y), acc=hits / len(y), test_acc=accuracy(model, xt, yt),
+                val_loss=metrics.get("val_loss"))
+    return metrics
+
+
+def train(model: Any, optimizer: Any, data: Split, epochs: int, cfg: Config, phase: Phase) -> None:
+    """``epochs`` epochs of the plain loop in one phase."""
+    import torch
+
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(epochs):
-        model.train()  # frozen BatchNorm layers stay in inference mode (layerlock holds them)
-        order = torch.randperm(len(y), generator=gen)
-        losses, hits = [], 0
-        for i in range(0, len(y), cfg.batch):
-            idx = order[i:i + cfg.batch]
-            start, cpu = time.perf_counter(), time.process_time()
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            phase.step(time.perf_counter() - start, time.process_time() - cpu, loss.item())
-            losses.append(loss.item() * len(idx))
-            hits += int((logits.argmax(1) == y[idx]).sum())
-        phase.epoch(loss=sum(losses) / len(y), acc=hits / len(y), test_acc=accuracy(model, xt, yt))
+        epoch(model, optimizer, data, cfg, phase, gen)
     phase.close()
+
+
+def transfer(model: Any, optimizer: Any, data: Split, cfg: Config, rec: Recorder) -> None:
+    """Both transfer phases in one loop: a :class:`layerlock.torch.FreezeScheduler` on
+    :func:`~.config.transfer_schedule` takes each epoch's validation loss and begins the
+    fine-tune phase (top block into the optimizer at ``finetune_lr``, the head's Adam state
+    and rate kept) at the epoch after the loss stopped improving; each phase is recorded on
+    its own."""
+    import torch
+
+    import layerlock.torch as llt
+
+    scheduler = llt.FreezeScheduler(transfer_schedule(cfg), model, optimizer,
+                                    bn=cfg.finetune_bn, log=rec.log)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    phase, metrics = None, None
+    for at in range(transfer_epochs(cfg)):
+        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
+        if phase is None or phase.name != TRANSFER[scheduler.phase]:
+            if phase is not None:
+                phase.close()
+            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
+                              steps=steps(data, cfg), trainable=trainable(model), start=at)
+        metrics = epoch(model, optimizer, data, cfg, phase, gen)
+    assert phase is not None
+    phase.close()
+    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))  # type: ignore[union-attr]
 
 
 def step_fn(model: Any, optimizer: Any, data: Split, cfg: Config) -> Any:
@@ -108,23 +156,12 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
           rec.phase("pretrain", "source", epochs=cfg.pretrain_epochs, steps=steps(source, cfg),
                     trainable=trainable(model)))
 
-    # Phase 1: a new head for the target classes on the frozen, pretrained base.
+    # Phases 1 and 2: a new head for the target classes; the scheduler freezes the pretrained
+    # base at epoch 0 (requires_grad off, BatchNorm statistics held), and unfreezes the top
+    # block once val_loss stops improving. The optimizer starts with the head only.
     torch.manual_seed(cfg.seed + 1)
     model.head = nn.Linear(model.head.in_features, target.classes)
-    apply(model, FROZEN_BASE)  # requires_grad off, BatchNorm statistics held
-    optimizer = torch.optim.Adam(llt.param_groups(model, lr=cfg.head_lr))  # the head only
-    train(model, optimizer, target, cfg.frozen_epochs, cfg,
-          rec.phase("frozen", "target", epochs=cfg.frozen_epochs, steps=steps(target, cfg),
-                    trainable=trainable(model)))
-
-    # Phase 2: unfreeze the top block; the same optimizer takes it in at the lower rate.
-    apply(model, FINE_TUNE, bn=cfg.finetune_bn)  # type: ignore[arg-type]
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.finetune_lr
-    llt.sync_optimizer(optimizer, model, lr=cfg.finetune_lr)  # adds base.block3, keeps Adam state
-    train(model, optimizer, target, cfg.finetune_epochs, cfg,
-          rec.phase("fine-tune", "target", epochs=cfg.finetune_epochs, steps=steps(target, cfg),
-                    trainable=trainable(model)))
+    transfer(model, torch.optim.Adam(model.head.parameters(), lr=cfg.head_lr), target, cfg, rec)
 
     # Baseline 1: the same head, same budget, on a randomly initialised frozen base.
     torch.manual_seed(cfg.seed + 1)
@@ -138,7 +175,7 @@ def run(cfg: Config, source: Split, target: Split, rec: Recorder) -> None:
     # Baseline 2: the whole model from scratch for as many epochs as phases 1 and 2 together.
     torch.manual_seed(cfg.seed + 1)
     scratch = build(target.classes)
-    epochs = cfg.frozen_epochs + cfg.finetune_epochs
+    epochs = transfer_epochs(cfg)
     everything = torch.optim.Adam(scratch.parameters(), lr=cfg.lr)
     train(scratch, everything, target, epochs, cfg,
           rec.phase("scratch", "target", epochs=epochs, steps=steps(target, cfg), trainable=trainable(scratch)))
