@@ -62,9 +62,12 @@ def set_threads(threads: int) -> dict[str, Any]:
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")  # retracing notes: each mode is its own model
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-        out["tensorflow"] = threads
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            out["tensorflow"] = threads
+        except RuntimeError:  # TensorFlow ran already in this process (a test's worker run in-process)
+            out["tensorflow"] = tf.config.threading.get_intra_op_parallelism_threads() or "TensorFlow's default"
     if "jax" in sys.modules:
         out["jax"] = "XLA default (every core)"  # XLA's CPU client has no thread-count setting
     return out

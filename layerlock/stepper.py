@@ -73,7 +73,7 @@ class PhaseStepper:
     @property
     def schedule(self) -> Schedule:
         """The schedule in force: the given one, or the phases of a metric schedule begun so far."""
-        return self.given if self.tracker is None else self.tracker.schedule()
+        return self.given if isinstance(self.given, Schedule) else self.tracker.schedule()  # type: ignore[union-attr]
 
     @property
     def phase_count(self) -> int:
@@ -83,7 +83,8 @@ class PhaseStepper:
     def planned(self) -> Schedule:
         """Every phase as a Schedule: the given one, or a metric schedule's phases one epoch
         apart (what :meth:`check` plans and :func:`warn_check` counts)."""
-        return self.given if self.tracker is None else self.given.schedule(list(range(self.phase_count)))
+        given = self.given
+        return given if isinstance(given, Schedule) else given.schedule(list(range(self.phase_count)))
 
     def check(self, model: Any) -> list[Plan]:
         """Plan every phase on ``model`` (changing nothing), so a pattern that matches

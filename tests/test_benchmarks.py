@@ -141,6 +141,7 @@ def test_a_partial_run_of_new_suites_keeps_the_other_suites_rows():
     assert out["meta"]["load_avg_by_section"] == {"keras-jax": [1.5, 4.5], "equinox": [1.5, 4.5]}
 
 
+@pytest.mark.slow  # a longer variant: the torch and JAX grids run in make test
 def test_tiny_keras_jax_grid_runs_in_its_own_process_and_renders(tmp_path):
     pytest.importorskip("keras")
     pytest.importorskip("jax")
@@ -173,6 +174,7 @@ def test_tiny_keras_jax_grid_runs_in_its_own_process_and_renders(tmp_path):
     assert "(+1%, Keras 3 on JAX)" in text
 
 
+@pytest.mark.slow  # a longer variant: the torch and JAX grids run in make test
 def test_tiny_equinox_grid_records_modes_ratios_and_optimizer_bytes(tmp_path):
     pytest.importorskip("equinox")
     pytest.importorskip("optax")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 
 from layerlock.demo import installed
 
+from tests.test_quiet import TF_LINES, clean_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,10 +27,10 @@ def demo(tmp_path_factory):
     if not installed():
         pytest.skip("the demo needs torch, keras or flax")
     out = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-m", "layerlock.cli", "demo", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=240, env=env)
+                            capture_output=True, text=True, timeout=240, env=clean_env())  # no TF_CPP_MIN_LOG_LEVEL
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not TF_LINES.search(result.stderr), result.stderr[-3000:]  # TensorFlow's start-up lines stay off stderr
     summary = json.loads((out / "summary.json").read_text())
     print(result.stdout[-3000:])  # the table and the timings, shown with pytest -s
     return out, summary, result.stdout

@@ -1,5 +1,6 @@
 """The command line and the demo keep TensorFlow's start-up log lines off stderr, and hide
-nothing else: each runs in a subprocess with a clean environment (no TF_CPP_MIN_LOG_LEVEL)."""
+nothing else: each runs in a subprocess with a clean environment (no TF_CPP_MIN_LOG_LEVEL;
+the demo's run is tests/test_demo.py's)."""
 
 import os
 import re
@@ -40,14 +41,6 @@ def test_the_command_line_on_a_keras_file_prints_no_tensorflow_start_up_lines(ke
     assert result.returncode == 0, result.stderr
     assert not TF_LINES.search(result.stderr), result.stderr
     assert "body" in result.stdout
-
-
-def test_the_keras_demo_prints_no_tensorflow_start_up_lines(tmp_path):
-    pytest.importorskip("keras")
-    result = python("-m", "layerlock.cli", "demo", "--backend", "keras", "--quick", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert not TF_LINES.search(result.stderr), result.stderr
-    assert (tmp_path / "summary.json").exists()
 
 
 @pytest.fixture
