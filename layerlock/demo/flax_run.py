@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 from ..operations import apply
-from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
+from .config import FROZEN_BASE, Config, transfer_epochs, transfer_schedule
 from .data import Split
-from .report import Phase, Recorder, paired
+from .report import Phase, Recorder, paired, run_transfer
 from .torch_run import WIDTHS
 
 
@@ -205,18 +205,8 @@ def transfer(model: Any, opt: Any, data: Split, cfg: Config, rec: Recorder) -> N
     scheduler = llf.FreezeScheduler(transfer_schedule(cfg), model, opt,
                                     bn=cfg.finetune_bn, log=rec.log)  # type: ignore[arg-type]
     rng = np.random.default_rng(cfg.seed)
-    phase, metrics = None, None
-    for at in range(transfer_epochs(cfg)):
-        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
-        if phase is None or phase.name != TRANSFER[scheduler.phase]:
-            if phase is not None:
-                phase.close()
-            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
-                              steps=steps(data, cfg), trainable=trainable(model), start=at)
-        metrics = epoch(model, opt, data, cfg, phase, rng)
-    assert phase is not None
-    phase.close()
-    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))  # type: ignore[union-attr]
+    run_transfer(scheduler, rec, cfg, steps=steps(data, cfg), trainable=lambda: trainable(model),
+                 epoch=lambda phase: epoch(model, opt, data, cfg, phase, rng))
 
 
 def step_fn(model: Any, opt: Any, data: Split, cfg: Config) -> Any:

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from ..operations import apply
-from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
+from .config import FROZEN_BASE, Config, transfer_epochs, transfer_schedule
 from .data import Split
-from .report import Phase, Recorder, paired
+from .report import Phase, Recorder, paired, run_transfer
 
 WIDTHS = (16, 32, 64)
 
@@ -108,18 +108,8 @@ def transfer(model: Any, optimizer: Any, data: Split, cfg: Config, rec: Recorder
     scheduler = llt.FreezeScheduler(transfer_schedule(cfg), model, optimizer,
                                     bn=cfg.finetune_bn, log=rec.log)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(cfg.seed)
-    phase, metrics = None, None
-    for at in range(transfer_epochs(cfg)):
-        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
-        if phase is None or phase.name != TRANSFER[scheduler.phase]:
-            if phase is not None:
-                phase.close()
-            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
-                              steps=steps(data, cfg), trainable=trainable(model), start=at)
-        metrics = epoch(model, optimizer, data, cfg, phase, gen)
-    assert phase is not None
-    phase.close()
-    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))  # type: ignore[union-attr]
+    run_transfer(scheduler, rec, cfg, steps=steps(data, cfg), trainable=lambda: trainable(model),
+                 epoch=lambda phase: epoch(model, optimizer, data, cfg, phase, gen))
 
 
 def step_fn(model: Any, optimizer: Any, data: Split, cfg: Config) -> Any:
