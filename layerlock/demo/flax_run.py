@@ -20,8 +20,8 @@ from typing import Any
 from ..operations import apply
 from .config import FROZEN_BASE, Config, transfer_epochs, transfer_schedule
 from .data import Split
-from .report import Phase, Recorder, paired, run_transfer
-from .torch_run import WIDTHS
+from .report import Phase, Recorder, paired
+from .torch_run import WIDTHS, run_transfer
 
 
 def build(classes: int, *, seed: int) -> Any:

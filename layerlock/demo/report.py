@@ -150,28 +150,6 @@ def paired(frozen_step: Callable[[], object], full_step: Callable[[], object], p
     return {"frozen_ms": _median_ms(times["frozen"]), "full_ms": _median_ms(times["full"]), "pairs": pairs}
 
 
-def run_transfer(scheduler: Any, rec: Recorder, cfg: Any, *, steps: int, trainable: Callable[[], int],
-                 epoch: Callable[[Phase], Any]) -> None:
-    """Both transfer phases in one loop (torch and Flax): ``scheduler`` (the framework's loop
-    ``FreezeScheduler`` on :func:`~.config.transfer_schedule`) takes the previous epoch's
-    validation loss at each ``step``, and each phase is recorded on its own; ``epoch(phase)``
-    trains one epoch and returns its metrics."""
-    from .config import TRANSFER, planned_epochs, transfer_epochs
-
-    phase, metrics = None, None
-    for at in range(transfer_epochs(cfg)):
-        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
-        if phase is None or phase.name != TRANSFER[scheduler.phase]:
-            if phase is not None:
-                phase.close()
-            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
-                              steps=steps, trainable=trainable(), start=at)
-        metrics = epoch(phase)
-    assert phase is not None
-    phase.close()
-    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))
-
-
 class Recorder:
     """Collects the phases of one framework's run, its paired speed measurement, and the
     transfer's phase starts and transition lines (what the freeze scheduler logged).

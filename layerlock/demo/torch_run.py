@@ -6,12 +6,13 @@ Nothing here imports torch until :func:`run` is called.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..operations import apply
-from .config import FROZEN_BASE, Config, transfer_epochs, transfer_schedule
+from .config import FROZEN_BASE, TRANSFER, Config, planned_epochs, transfer_epochs, transfer_schedule
 from .data import Split
-from .report import Phase, Recorder, paired, run_transfer
+from .report import Phase, Recorder, paired
 
 WIDTHS = (16, 32, 64)
 
@@ -93,6 +94,26 @@ def train(model: Any, optimizer: Any, data: Split, epochs: int, cfg: Config, pha
     for _ in range(epochs):
         epoch(model, optimizer, data, cfg, phase, gen)
     phase.close()
+
+
+def run_transfer(scheduler: Any, rec: Recorder, cfg: Any, *, steps: int, trainable: Callable[[], int],
+                 epoch: Callable[[Phase], Any]) -> None:
+    """Both transfer phases in one loop (this module's and Flax's): ``scheduler`` (the framework's loop
+    ``FreezeScheduler`` on :func:`~.config.transfer_schedule`) takes the previous epoch's
+    validation loss at each ``step``, and each phase is recorded on its own; ``epoch(phase)``
+    trains one epoch and returns its metrics."""
+    phase, metrics = None, None
+    for at in range(transfer_epochs(cfg)):
+        scheduler.step(at, metrics=metrics)  # the previous epoch's val_loss decides the phase of this one
+        if phase is None or phase.name != TRANSFER[scheduler.phase]:
+            if phase is not None:
+                phase.close()
+            phase = rec.phase(TRANSFER[scheduler.phase], "target", epochs=planned_epochs(cfg, scheduler.phase, at),
+                              steps=steps, trainable=trainable(), start=at)
+        metrics = epoch(phase)
+    assert phase is not None
+    phase.close()
+    rec.starts = dict(zip(TRANSFER, scheduler.stepper.tracker.starts))
 
 
 def transfer(model: Any, optimizer: Any, data: Split, cfg: Config, rec: Recorder) -> None:
