@@ -60,6 +60,7 @@ import functools
 import inspect
 import json
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -921,6 +922,7 @@ def set_variable_rows(variable: Any, rows: Sequence[int] | None, axis: int) -> N
     :func:`install_row_apply` wraps reads the rows when a train function is traced."""
     if rows is None:
         variable.__dict__.pop(ROWS, None)
+        _WITH_ROWS.pop(id(variable), None)
         return
     import numpy as np
 
@@ -929,6 +931,13 @@ def set_variable_rows(variable: Any, rows: Sequence[int] | None, axis: int) -> N
     mask[list(rows)] = True
     object.__setattr__(variable, ROWS, (tuple(sorted(rows)), axis,
                                         mask.reshape([shape[axis] if d == axis else 1 for d in range(len(shape))])))
+    key = id(variable)
+    _WITH_ROWS[key] = weakref.ref(variable, lambda _: _WITH_ROWS.pop(key, None))
+
+
+# The variables that carry rows now (by id; a weak reference each): while there are none, the
+# wrapped optimizer step takes the stock path without looking at its variables.
+_WITH_ROWS: dict[int, Any] = {}
 
 
 def _base_optimizer() -> type:
@@ -982,6 +991,8 @@ def install_row_apply() -> None:
 
     @functools.wraps(original)
     def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
+        if not _WITH_ROWS:
+            return original(self, grads, trainable_variables)  # no variable has rows: the stock step
         if trainable_variables is not None and not _is_seq(trainable_variables):
             trainable_variables = list(trainable_variables)  # a generator: read it once
         variables = getattr(self, "_trainable_variables", None) if trainable_variables is None else trainable_variables
