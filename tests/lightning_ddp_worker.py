@@ -223,8 +223,11 @@ class MetricModule(pl.LightningModule):
     def validation_step(self, batch, _):
         pass
 
+    def value(self):
+        return METRIC_VALUES[self.global_rank][self.current_epoch]  # this rank's own value
+
     def on_validation_epoch_end(self):
-        self.log("val_loss", METRIC_VALUES[self.global_rank][self.current_epoch])  # this rank's own value
+        self.log("val_loss", self.value())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)

@@ -22,27 +22,16 @@ import layerlock as ll  # noqa: E402
 from layerlock.lightning import FreezeScheduler  # noqa: E402
 from layerlock.stepper import PlateauTracker  # noqa: E402
 from tests import metric_table  # noqa: E402
+from tests.lightning_ddp_worker import MetricModule  # noqa: E402
 
 EPOCHS = len(metric_table.VALUES)
 
 
-class Net(pl.LightningModule):
+class Net(MetricModule):
     """body -> head; the validation logs the table's val_loss of the epoch."""
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
-
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
-
-    def validation_step(self, batch, _):
-        pass
-
-    def on_validation_epoch_end(self):
-        self.log("val_loss", metric_table.VALUES[self.current_epoch], on_epoch=True)
+    def value(self):
+        return metric_table.VALUES[self.current_epoch]
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
