@@ -145,16 +145,21 @@ def fsdp1():
     return {"error": refused(lambda: ll.apply(model, ll.freeze("0")))}
 
 
-def main(rank, world, port, queue):
+def serve(run, rank, world, port, queue):
+    """One rank: join the loopback gloo group, put ``run(rank)``'s result (or its crash) on the queue."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, scenarios(rank)))
+        queue.put((rank, run(rank)))
     except Exception:
         queue.put((rank, {"crash": traceback.format_exc()}))
     finally:
         dist.destroy_process_group()
+
+
+def main(rank, world, port, queue):
+    serve(scenarios, rank, world, port, queue)
 
 
 # -- FreezeScheduler carrying a schedule through DDP (tests/test_distributed_schedule_torch.py) --
@@ -456,15 +461,7 @@ def rows_scenarios(rank):
 
 
 def rows_main(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        queue.put((rank, rows_scenarios(rank)))
-    except Exception:
-        queue.put((rank, {"crash": traceback.format_exc()}))
-    finally:
-        dist.destroy_process_group()
+    serve(rows_scenarios, rank, world, port, queue)
 
 
 # -- a metric schedule under DDP: the ranks decide on the mean metric (tests/test_metric_schedule_loops.py) --
@@ -498,12 +495,4 @@ def metric_scenarios(rank):
 
 
 def metric_main(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        queue.put((rank, metric_scenarios(rank)))
-    except Exception:
-        queue.put((rank, {"crash": traceback.format_exc()}))
-    finally:
-        dist.destroy_process_group()
+    serve(metric_scenarios, rank, world, port, queue)
